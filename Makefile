@@ -1,0 +1,30 @@
+# lenet_sweep — every target installs what it needs first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# A GPU machine gets the CUDA build of TensorFlow; everything else the CPU build.
+TF_EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+DATA ?= ../shared/datasets/imagenette
+ARGS ?=
+
+.PHONY: install test sweep reproduce clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[$(TF_EXTRA),test]"
+	touch $@
+
+test: install
+	$(PY) -m pytest -q $(ARGS)
+
+# Until the sweep lands, `make sweep` reproduces the study (both models, 25 epochs).
+sweep: reproduce
+
+reproduce: install
+	$(PY) -m lenet_sweep.reproduce data.root=$(DATA) $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,80 @@
+"""The LeNet family: conv/pool blocks, then dense layers, then the class layer.
+
+Both of the study's models are members, built from config values (conf/model/*.yaml):
+
+LeNet-5 (`model=lenet5`, 62,006 parameters with 10 classes)::
+
+    layer                               output shape     params
+    Input                               (32, 32, 3)
+    Conv2D 6, 5x5, valid, ReLU          (28, 28, 6)        456
+    AveragePooling2D 2x2                (14, 14, 6)
+    Conv2D 16, 5x5, valid, ReLU         (10, 10, 16)     2,416
+    AveragePooling2D 2x2                (5, 5, 16)
+    Flatten                             (400,)
+    Dense 120, ReLU                     (120,)          48,120
+    Dense 84, ReLU                      (84,)           10,164
+    Dense 10, softmax                   (10,)              850
+
+Modified LeNet (`model=modified_lenet`, 582,186 parameters with 10 classes)::
+
+    layer                               output shape     params
+    Input                               (128, 128, 3)
+    Conv2D 64, 3x3, same, ReLU          (128, 128, 64)   1,792
+    MaxPooling2D 2x2                    (64, 64, 64)
+    Conv2D 64, 3x3, same, ReLU          (64, 64, 64)    36,928
+    MaxPooling2D 2x2                    (32, 32, 64)
+    Conv2D 32, 3x3, same, ReLU          (32, 32, 32)    18,464
+    MaxPooling2D 2x2                    (16, 16, 32)
+    Flatten                             (8192,)
+    Dense 64, ReLU                      (64,)          524,352
+    Dense 10, ReLU (sic)                (10,)              650
+
+A ReLU output is not a probability vector. The study trained it with Keras' sparse categorical
+cross-entropy (`from_logits=False`), and so do we: on the TensorFlow backend Keras clips the outputs
+to [1e-7, 1 - 1e-7] and renormalises them, loss = -log(clip(p_y) / sum_j clip(p_j)). Outputs of
+dead ReLU units all clip to 1e-7, so a sample whose output units are all dead scores the uniform loss
+ln 10 = 2.3026 and passes no gradient; a run whose units all die stays at chance. Clipped outputs
+above 1 - 1e-7 also pass no gradient. `model.output_activation=softmax` makes the outputs
+probabilities and removes both effects.
+
+Weights use Keras' default initialisers (Glorot uniform kernels, zero biases).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import keras
+
+from lenet_sweep.errors import UserError
+
+POOLING = {"avg": keras.layers.AveragePooling2D, "max": keras.layers.MaxPooling2D}
+PADDING = ("valid", "same")
+
+
+def build_lenet(spec: Mapping[str, Any], num_classes: int) -> keras.Model:
+    """Build a LeNet-family model from a model config (see conf/model/*.yaml and the tables above)."""
+    filters = list(spec["filters"])
+    kernels = list(spec["kernel_sizes"])
+    if len(kernels) != len(filters):
+        raise UserError(f"model.kernel_sizes has {len(kernels)} entries but model.filters has "
+                         f"{len(filters)}: give one kernel size per conv layer")
+    if spec["pooling"] not in POOLING:
+        raise UserError(f"model.pooling={spec['pooling']!r}: choose one of {', '.join(POOLING)}")
+    if spec["padding"] not in PADDING:
+        raise UserError(f"model.padding={spec['padding']!r}: choose one of {', '.join(PADDING)}")
+    size = int(spec["input_size"])
+
+    inputs = keras.Input((size, size, 3), name="image")
+    x = inputs
+    for i, (n, k) in enumerate(zip(filters, kernels), start=1):
+        x = keras.layers.Conv2D(n, k, padding=spec["padding"], activation=spec["conv_activation"],
+                                name=f"conv{i}")(x)
+        if x.shape[1] < 2:
+            raise UserError(f"a {size}x{size} input is down to {x.shape[1]}x{x.shape[2]} before pool{i}: "
+                             "use a larger model.input_size, fewer conv layers or padding=same")
+        x = POOLING[spec["pooling"]](2, name=f"pool{i}")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    for i, width in enumerate(spec["dense"], start=1):
+        x = keras.layers.Dense(width, activation=spec["dense_activation"], name=f"dense{i}")(x)
+    outputs = keras.layers.Dense(num_classes, activation=spec["output_activation"], name="output")(x)
+    return keras.Model(inputs, outputs, name=str(spec["name"]))

@@ -1,0 +1,116 @@
+"""The study's figures, as matplotlib Figures (no pyplot state, no display needed).
+
+Histories are lists of per-epoch rows ({"loss": ..., "val_loss": ..., ...}); epoch numbers are 1-based.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+
+def _series(history: Sequence[dict], key: str) -> np.ndarray:
+    return np.array([row.get(key, np.nan) for row in history], dtype=float)
+
+
+def turning_point(history: Sequence[dict]) -> int:
+    """The 1-based epoch of minimum validation loss: where overfitting begins (0 if unknown)."""
+    val = _series(history, "val_loss")
+    if not len(val) or np.all(np.isnan(val)):
+        return 0
+    return int(np.nanargmin(val)) + 1
+
+
+def curves(history: Sequence[dict], metric: str, title: str, magnify: bool = False) -> Figure:
+    """Training and validation `metric` per epoch; `magnify` zooms on the epochs after the first.
+
+    The magnified view drops epoch 1 (whose loss dwarfs the rest) from the y range, so the point
+    where validation loss turns up is visible; the turning point is marked.
+    """
+    train, val = _series(history, metric), _series(history, f"val_{metric}")
+    epochs = np.arange(1, len(train) + 1)
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.add_subplot()
+    ax.plot(epochs, train, "o-", label=f"training {metric}", markersize=3)
+    ax.plot(epochs, val, "o-", label=f"validation {metric}", markersize=3)
+    if metric == "loss" and len(epochs):
+        tp = turning_point(history)
+        if tp:
+            ax.axvline(tp, color="grey", linestyle="--", linewidth=1, label=f"min val loss (epoch {tp})")
+    if magnify and len(epochs) > 2:
+        rest = np.concatenate([train[1:], val[1:]])
+        rest = rest[np.isfinite(rest)]
+        if len(rest):
+            lo, hi = rest.min(), rest.max()
+            pad = 0.05 * (hi - lo or 1.0)
+            ax.set_ylim(lo - pad, hi + pad)
+            ax.set_xlim(1.5, len(epochs) + 0.5)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def val_loss_vs_val_accuracy(history: Sequence[dict], title: str) -> Figure:
+    """Validation loss against validation accuracy, one point per epoch, labelled with its epoch."""
+    loss, acc = _series(history, "val_loss"), _series(history, "val_accuracy")
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.add_subplot()
+    ax.plot(acc, loss, "-", color="lightgrey", zorder=1)
+    points = ax.scatter(acc, loss, c=np.arange(1, len(loss) + 1), cmap="viridis", zorder=2)
+    for i, (a, l) in enumerate(zip(acc, loss), start=1):
+        ax.annotate(str(i), (a, l), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    fig.colorbar(points, ax=ax, label="epoch")
+    ax.set_xlabel("validation accuracy")
+    ax.set_ylabel("validation loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def image_grid(images: np.ndarray, titles: Sequence[str], columns: int, title: str) -> Figure:
+    """A grid of uint8 images (N, H, W, 3) with one caption each."""
+    rows = max(1, int(np.ceil(len(images) / columns)))
+    fig = Figure(figsize=(2 * columns, 2.2 * rows), dpi=100)
+    for i in range(rows * columns):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(images[i])
+            ax.set_title(titles[i], fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts [true class, predicted class]."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(labels, int), np.asarray(predictions, int)), 1)
+    return matrix
+
+
+def confusion_figure(matrix: np.ndarray, names: Sequence[str], title: str) -> Figure:
+    """The confusion matrix as a heat map of row shares, with the counts written in."""
+    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = max(5, 0.6 * len(names) + 2)
+    fig = Figure(figsize=(size, size), dpi=100)
+    ax = fig.add_subplot()
+    im = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    ticks = np.arange(len(names))
+    ax.set_xticks(ticks, names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(ticks, names, fontsize=8)
+    for (i, j), count in np.ndenumerate(matrix):
+        ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                color="white" if shares[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
+    fig.tight_layout()
+    return fig

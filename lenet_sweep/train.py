@@ -1,0 +1,293 @@
+"""One training run, tracked in MLflow: `python -m lenet_sweep.train model=lenet5 optimizer=sgd data.root=DIR`.
+
+`train_and_log` is the library function (config in, result out); `main` is the Hydra entry point.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import hydra
+import keras
+import mlflow
+import numpy as np
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from lenet_sweep import data as D
+from lenet_sweep import plots
+from lenet_sweep.config import register_configs
+from lenet_sweep.errors import UserError
+from lenet_sweep.models import create_model
+from lenet_sweep.tracking import (MlflowEpochLogger, experiment_id, flatten, package_versions,
+                                  resolve_store)
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class PreparedData:
+    """Everything a run trains and evaluates on: the split lists and the decoded images."""
+
+    splits: D.Splits
+    decoded: dict[str, D.DecodedSplit]
+    names: list[str]                   # readable class names, by label
+
+    @property
+    def skipped(self) -> list[tuple[str, str, str]]:
+        """(split, relative path, reason) of every file that was left out."""
+        rows = [("-", path, "not an image file (suffix)") for path in self.splits.ignored]
+        for split, dec in self.decoded.items():
+            rows += [(split, path, why) for path, why in dec.skipped]
+        return rows
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    history: list[dict[str, float]]
+    test_loss: float
+    test_accuracy: float
+    turning_point_epoch: int
+    confusion: np.ndarray
+    seconds: float
+    diverged: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare_data(data_cfg: DictConfig, image_size: int, seed: int,
+                 progress: Optional[Progress] = None) -> PreparedData:
+    """List, split and decode the data named by `data_cfg` at `image_size` pixels."""
+    root = data_cfg.root
+    if not root:
+        if progress:
+            progress(f"data.root is not set: fetching {data_cfg.url}")
+        root = D.download_imagenette(data_cfg.url, data_cfg.md5, data_cfg.cache_dir)
+    splits = D.find_splits(root, seed, data_cfg.test_fraction, data_cfg.limit_per_class)
+    decoded = {}
+    for split in D.SPLITS:
+        files = splits.files[split]
+        started = time.perf_counter()
+        decoded[split] = D.decode_split(splits.root, files, image_size, data_cfg.interpolation,
+                                        data_cfg.antialias, data_cfg.decode_threads)
+        if progress:
+            dec = decoded[split]
+            progress(f"{split}: {len(dec.labels)} images at {image_size}x{image_size} decoded in "
+                     f"{time.perf_counter() - started:.1f}s ({len(dec.skipped)} skipped)")
+        if not len(decoded[split].labels):
+            raise D.DataError(f"no file of the {split} split could be decoded "
+                              f"({len(files.paths)} tried): see the reasons in the skipped-files report")
+    return PreparedData(splits, decoded, D.readable_names(splits.classes, data_cfg.class_names))
+
+
+def make_optimizer(opt_cfg: DictConfig) -> keras.optimizers.Optimizer:
+    """A Keras optimizer from `{name: Adam, learning_rate: ..., ...}`."""
+    settings = OmegaConf.to_container(opt_cfg, resolve=True)
+    name = settings.pop("name", None)
+    try:
+        return keras.optimizers.get({"class_name": name, "config": settings})
+    except (TypeError, ValueError) as err:
+        raise UserError(f"optimizer {name!r} with {settings} cannot be built: {err}. "
+                         "Check optimizer.name (a Keras optimizer class) and its fields") from None
+
+
+class ProgressPrinter(keras.callbacks.Callback):
+    """One line per epoch: metrics, epoch time, elapsed time and the estimated time left."""
+
+    def __init__(self, print_fn: Progress, epochs: int):
+        super().__init__()
+        self.print_fn, self.epochs = print_fn, epochs
+        self._start = self._epoch_start = 0.0
+
+    def on_train_begin(self, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.perf_counter()
+        elapsed = now - self._start
+        eta = elapsed / (epoch + 1) * (self.epochs - epoch - 1)
+        metrics = "  ".join(f"{k} {v:.4f}" for k, v in (logs or {}).items())
+        self.print_fn(f"epoch {epoch + 1}/{self.epochs}  {metrics}  {now - self._epoch_start:.1f}s  "
+                      f"elapsed {_clock(elapsed)}  ETA {_clock(eta)}")
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _csv(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def _log_figure(fig, path: str) -> None:
+    mlflow.log_figure(fig, path)
+    fig.clear()
+
+
+def train_and_log(cfg: DictConfig, prepared: PreparedData, client: MlflowClient, experiment: str,
+                  parent_run_id: Optional[str] = None, run_name: Optional[str] = None,
+                  print_fn: Optional[Progress] = None) -> RunResult:
+    """Train `cfg.model` on `prepared`, evaluate it on test once, and record it all as one MLflow run."""
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(cfg.seed)
+    if cfg.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    dec = prepared.decoded
+    num_classes = len(prepared.splits.classes)
+    train_ds = D.make_dataset(dec["train"], cfg.train.batch_size, shuffle=True, seed=cfg.seed)
+    val_ds = D.make_dataset(dec["val"], cfg.train.batch_size, shuffle=False)
+    test_ds = D.make_dataset(dec["test"], cfg.train.batch_size, shuffle=False)
+
+    model = create_model(cfg.model, num_classes)
+    # from_logits=False on every output: the study's setting, ReLU output included (see models/lenet.py).
+    model.compile(optimizer=make_optimizer(cfg.optimizer),
+                  loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+
+    params = flatten(OmegaConf.to_container(cfg, resolve=True))
+    params.update({"data.resolved_root": str(prepared.splits.root), "data.num_classes": num_classes,
+                   "model.parameters": model.count_params()})
+    with mlflow.start_run(experiment_id=experiment, run_name=run_name, parent_run_id=parent_run_id,
+                          nested=parent_run_id is not None,
+                          tags={"lenet_sweep.kind": "train", "model": cfg.model.name}) as run:
+        run_id = run.info.run_id
+        mlflow.log_params(params)
+        mlflow.log_metrics({f"n_{split}": len(d.labels) for split, d in dec.items()}
+                           | {"skipped_files": len(prepared.skipped)})
+        _log_inputs(cfg, prepared)
+
+        logger = MlflowEpochLogger(client, run_id)
+        callbacks: list[keras.callbacks.Callback] = [logger, keras.callbacks.TerminateOnNaN()]
+        if print_fn:
+            callbacks.append(ProgressPrinter(print_fn, cfg.train.epochs))
+        verbose = cfg.train.keras_verbose
+        verbose = (1 if sys.stdout.isatty() else 0) if verbose == "auto" else int(verbose)
+        started = time.perf_counter()
+        # shuffle=False: train_ds already reshuffles every epoch with the run's seed.
+        model.fit(train_ds, validation_data=val_ds, epochs=cfg.train.epochs, callbacks=callbacks,
+                  verbose=verbose, shuffle=False)
+        seconds = time.perf_counter() - started
+        history = logger.history
+
+        probs = model.predict(test_ds, verbose=0)
+        test_loss = float(np.mean(keras.losses.sparse_categorical_crossentropy(dec["test"].labels, probs)))
+        predicted = np.argmax(probs, axis=1)
+        test_accuracy = float(np.mean(predicted == dec["test"].labels))
+        confusion = plots.confusion_matrix(dec["test"].labels, predicted, num_classes)
+        tp = plots.turning_point(history)
+        diverged = any(not math.isfinite(row.get("loss", 0.0)) for row in history)
+        mlflow.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy,
+                            "turning_point_epoch": tp, "train_seconds": seconds,
+                            "epochs_run": len(history)})
+        _log_outputs(cfg, prepared, model, history, confusion)
+        if diverged:
+            mlflow.set_tag("failure_reason", f"loss became NaN/inf in epoch {len(history)}; "
+                                             "training was stopped (lower optimizer.learning_rate)")
+    if diverged:  # after the `with`, which would otherwise mark the run FINISHED
+        client.set_terminated(run_id, "FAILED")
+    return RunResult(run_id, history, test_loss, test_accuracy, tp, confusion, seconds, diverged)
+
+
+def _log_inputs(cfg: DictConfig, prepared: PreparedData) -> None:
+    """The run's inputs: resolved config, split manifest, skipped files, package versions, samples."""
+    mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    mlflow.log_text(_csv(prepared.splits.manifest_rows(), ("split", "class", "path")),
+                    "data/split_manifest.csv")
+    mlflow.log_text(_csv(prepared.skipped, ("split", "path", "reason")), "data/skipped_files.csv")
+    counts = {split: np.bincount(d.labels, minlength=len(prepared.names)).tolist()
+              for split, d in prepared.decoded.items()}
+    mlflow.log_dict({"classes": prepared.splits.classes, "names": prepared.names, "counts": counts,
+                     "skipped": len(prepared.skipped)}, "data/summary.json")
+    versions = package_versions()
+    mlflow.log_dict(versions, "table_i_packages.json")
+    mlflow.log_text("| package | version |\n|---|---|\n"
+                    + "".join(f"| {k} | {v} |\n" for k, v in versions.items()), "table_i_packages.md")
+    train = prepared.decoded["train"]
+    n = min(cfg.train.sample_grid ** 2, len(train.labels))
+    pick = np.random.default_rng(cfg.seed).choice(len(train.labels), n, replace=False)
+    _log_figure(plots.image_grid(train.images[pick], [prepared.names[train.labels[i]] for i in pick],
+                                 cfg.train.sample_grid, "training images"), "plots/sample_images.png")
+
+
+def _log_outputs(cfg: DictConfig, prepared: PreparedData, model: keras.Model,
+                 history: list[dict[str, float]], confusion: np.ndarray) -> None:
+    """The run's outputs: per-epoch table, the study's curves, confusion matrix and the model."""
+    title = f"{cfg.model.name} ({cfg.optimizer.name})"
+    keys = sorted({k for row in history for k in row})
+    mlflow.log_text(_csv([[i + 1] + [row.get(k) for k in keys] for i, row in enumerate(history)],
+                         ["epoch", *keys]), "history.csv")
+    _log_figure(plots.curves(history, "loss", f"loss: {title}"), "plots/loss.png")
+    _log_figure(plots.curves(history, "loss", f"loss, magnified: {title}", magnify=True),
+                "plots/loss_magnified.png")
+    _log_figure(plots.curves(history, "accuracy", f"accuracy: {title}"), "plots/accuracy.png")
+    _log_figure(plots.val_loss_vs_val_accuracy(history, f"validation: {title}"),
+                "plots/val_loss_vs_val_accuracy.png")
+    _log_figure(plots.confusion_figure(confusion, prepared.names, f"test confusion: {title}"),
+                "plots/confusion_matrix.png")
+    mlflow.log_dict({"classes": prepared.splits.classes, "names": prepared.names,
+                     "matrix": confusion.tolist()}, "evaluation/confusion_matrix.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.keras"
+        model.save(path)
+        mlflow.log_artifact(str(path), "model")
+    mlflow.log_dict({"classes": prepared.splits.classes, "names": prepared.names}, "model/labels.json")
+    mlflow.log_dict({"input_size": cfg.model.input_size, "channels": "RGB", "scale": 1 / 255,
+                     "resize": cfg.data.interpolation, "antialias": cfg.data.antialias},
+                    "model/preprocessing.json")
+
+
+def open_store(mlflow_cfg: DictConfig) -> tuple[MlflowClient, str]:
+    """Point MLflow at the configured store; return a client and the experiment id."""
+    uri, artifact_location = resolve_store(mlflow_cfg.tracking_uri, mlflow_cfg.store_dir)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    return client, experiment_id(client, mlflow_cfg.experiment, artifact_location)
+
+
+def default_run_name(cfg: DictConfig) -> str:
+    return cfg.mlflow.run_name or f"{cfg.model.name}-{cfg.optimizer.name.lower()}-seed{cfg.seed}"
+
+
+def run_one(cfg: DictConfig, parent_run_id: Optional[str] = None) -> RunResult:
+    """Prepare data, open the store and train: what the `train` command does, minus the exit code."""
+    prepared = prepare_data(cfg.data, cfg.model.input_size, cfg.seed, progress=print)
+    client, exp = open_store(cfg.mlflow)
+    result = train_and_log(cfg, prepared, client, exp, parent_run_id, default_run_name(cfg), print)
+    print(f"{cfg.model.name}: test accuracy {result.test_accuracy:.4f}, test loss {result.test_loss:.4f}, "
+          f"val loss lowest at epoch {result.turning_point_epoch}, {result.seconds:.0f}s; "
+          f"MLflow run {result.run_id} in {mlflow.get_tracking_uri()}")
+    return result
+
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    try:
+        result = run_one(cfg)
+    except UserError as err:
+        sys.exit(f"error: {err}")
+    if result.diverged:
+        sys.exit(f"error: training diverged (loss NaN/inf in epoch {len(result.history)}); the run "
+                 f"{result.run_id} is marked FAILED. Lower optimizer.learning_rate and try again")
+
+
+if __name__ == "__main__":
+    main()

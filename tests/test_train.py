@@ -1,0 +1,154 @@
+"""One tracked training run, end to end, through the command lines users type."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+
+from conftest import CONF_DIR, make_image_folder
+from lenet_sweep.config import register_configs
+from lenet_sweep.train import open_store, prepare_data, train_and_log
+
+REPO = Path(CONF_DIR).parent
+ARTIFACTS = {
+    "config.yaml", "data/split_manifest.csv", "data/skipped_files.csv", "data/summary.json",
+    "table_i_packages.json", "table_i_packages.md", "history.csv",
+    "plots/loss.png", "plots/loss_magnified.png", "plots/accuracy.png",
+    "plots/val_loss_vs_val_accuracy.png", "plots/sample_images.png", "plots/confusion_matrix.png",
+    "evaluation/confusion_matrix.json", "model/model.keras", "model/labels.json", "model/preprocessing.json",
+}
+
+
+def run_cli(args: list[str], cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def all_artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= all_artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def test_train_command_records_exactly_one_complete_run(image_folder, store):
+    result = run_cli(["lenet_sweep.train", "model=lenet5", "optimizer=sgd", f"data.root={image_folder}",
+                      "data.limit_per_class=20", "train.epochs=2", "train.batch_size=32", "seed=0",
+                      f"mlflow.tracking_uri={store}", "mlflow.experiment=NAME"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "epoch 2/2" in result.stdout and "ETA" in result.stdout and "elapsed" in result.stdout
+
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("NAME")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model.name"] == "lenet5" and params["optimizer.name"] == "SGD"
+    assert params["train.epochs"] == "2" and params["seed"] == "0" and params["data.limit_per_class"] == "20"
+    assert params["optimizer.learning_rate"] == "0.01" and params["model.filters"] == "[6, 16]"
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "epoch_seconds"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == [1, 2], key
+    metrics = run.data.metrics
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and np.isfinite(metrics["test_loss"])
+    assert metrics["turning_point_epoch"] in (1, 2)
+    assert metrics["skipped_files"] == 3  # truncated.JPEG, notes.jpg, README.txt
+    assert all_artifacts(client, run.info.run_id) >= ARTIFACTS
+
+    skipped = Path(client.download_artifacts(run.info.run_id, "data/skipped_files.csv")).read_text()
+    assert "truncated.JPEG" in skipped and "notes.jpg" in skipped
+    manifest = Path(client.download_artifacts(run.info.run_id, "data/split_manifest.csv")).read_text()
+    assert manifest.count("\ntest,") == 6 and "cmyk.jpg" in manifest
+
+    import keras
+    model = keras.saving.load_model(client.download_artifacts(run.info.run_id, "model/model.keras"),
+                                    safe_mode=True)
+    assert model.output_shape == (None, 3)
+
+
+def test_default_store_is_embedded_and_hydra_leaves_no_files(image_folder, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    result = run_cli(["lenet_sweep.train", f"data.root={image_folder}", "train.epochs=1",
+                      "data.limit_per_class=2"], cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in work.iterdir()) == ["mlruns"]
+    assert (work / "mlruns" / "mlflow.db").is_file()
+    client = MlflowClient(f"sqlite:///{work / 'mlruns' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("lenet_sweep").experiment_id])
+    assert run.info.artifact_uri.startswith((work / "mlruns" / "artifacts").as_uri())
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=fail", "could not be converted to Integer"),
+    ("model=resnet", "Could not find 'model/resnet'"),
+    ("data.root=/nonexistent/folder", "error: data.root '/nonexistent/folder' is not a folder"),
+])
+def test_bad_input_fails_with_a_clear_message_and_records_nothing(override, message, image_folder, store):
+    args = ["lenet_sweep.train", f"data.root={image_folder}", f"mlflow.tracking_uri={store}", override]
+    result = run_cli(args)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    if Path(store.removeprefix("sqlite:///")).exists():
+        client = MlflowClient(store)
+        experiment = client.get_experiment_by_name("lenet_sweep")
+        assert experiment is None or not client.search_runs([experiment.experiment_id])
+
+
+def compose_train(overrides: list[str]):
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def test_same_seed_gives_the_same_metrics(tmp_path):
+    root = make_image_folder(tmp_path / "d", n_train=6, n_val=5, messy=False)
+    cfg = compose_train([f"data.root={root}", "train.epochs=2", "train.batch_size=4", "seed=7",
+                         f"mlflow.tracking_uri=sqlite:///{tmp_path / 's' / 'mlflow.db'}"])
+    client, exp = open_store(cfg.mlflow)
+    prepared = prepare_data(cfg.data, cfg.model.input_size, cfg.seed)
+    first = train_and_log(cfg, prepared, client, exp)
+    second = train_and_log(cfg, prepared, client, exp)
+    keys = ("loss", "accuracy", "val_loss", "val_accuracy")
+    assert [[r[k] for k in keys] for r in first.history] == [[r[k] for k in keys] for r in second.history]
+    assert first.test_accuracy == second.test_accuracy
+
+
+def test_diverging_run_is_marked_failed_with_its_reason(tmp_path):
+    root = make_image_folder(tmp_path / "d", n_train=6, n_val=5, messy=False)
+    cfg = compose_train([f"data.root={root}", "train.epochs=5", "train.batch_size=4",
+                         "optimizer.learning_rate=1e12",
+                         f"mlflow.tracking_uri=sqlite:///{tmp_path / 's' / 'mlflow.db'}"])
+    client, exp = open_store(cfg.mlflow)
+    result = train_and_log(cfg, prepare_data(cfg.data, cfg.model.input_size, cfg.seed), client, exp)
+    assert result.diverged
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FAILED"
+    assert "NaN" in run.data.tags["failure_reason"]
+
+
+def test_reproduce_prints_and_logs_table_ii(image_folder, store):
+    result = run_cli(["lenet_sweep.reproduce", f"data.root={image_folder}", "train.epochs=1",
+                      "data.limit_per_class=3", f"mlflow.tracking_uri={store}", "mlflow.experiment=repro"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Table II" in result.stdout and "0.5136" in result.stdout and "0.6321" in result.stdout
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("repro").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("lenet_sweep.kind") == "reproduce"]
+    assert len(parents) == 1 and len(runs) == 3
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.data.params["model.name"] for r in children) == ["lenet5", "modified_lenet"]
+    assert sorted(r.data.params["optimizer.name"] for r in children) == ["Adam", "SGD"]
+    table = Path(client.download_artifacts(parents[0].info.run_id, "table_ii.md")).read_text()
+    for child in children:
+        assert f"{child.data.metrics['test_accuracy']:.4f}" in table
