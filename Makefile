@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # A GPU machine gets the CUDA build of TensorFlow; everything else the CPU build.
 TF_EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
-DATA ?= ../shared/datasets/imagenette
+# The dataset folder (train/ and val/); empty: download Imagenette into the Keras cache.
+DATA ?= $(wildcard ../shared/datasets/imagenette)
 ARGS ?=
 
 .PHONY: install test sweep reproduce clean
@@ -24,7 +25,7 @@ test: install
 sweep: reproduce
 
 reproduce: install
-	$(PY) -m lenet_sweep.reproduce data.root=$(DATA) $(ARGS)
+	$(PY) -m lenet_sweep.reproduce $(if $(DATA),'data.root="$(DATA)"') $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

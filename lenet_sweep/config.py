@@ -10,12 +10,14 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from lenet_sweep.errors import UserError
+
 
 @dataclass
 class DataConfig:
     root: Optional[str] = None
     url: str = ""
-    md5: Optional[str] = None
+    checksum: Optional[str] = None
     cache_dir: Optional[str] = None
     test_fraction: float = 0.2
     limit_per_class: Optional[int] = None
@@ -41,6 +43,37 @@ class ModelConfig:
 
 
 @dataclass
+class OptimizerConfig:
+    """Fields every Keras optimizer takes; `name` is the Keras class (SGD, Adam, ...)."""
+
+    name: str = "SGD"
+    learning_rate: float = 0.01
+    weight_decay: Optional[float] = None
+    clipnorm: Optional[float] = None
+    clipvalue: Optional[float] = None
+    global_clipnorm: Optional[float] = None
+    use_ema: bool = False
+    ema_momentum: float = 0.99
+    gradient_accumulation_steps: Optional[int] = None
+
+
+@dataclass
+class SGDConfig(OptimizerConfig):
+    momentum: float = 0.0
+    nesterov: bool = False
+
+
+@dataclass
+class AdamConfig(OptimizerConfig):
+    name: str = "Adam"
+    learning_rate: float = 0.001
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    epsilon: float = 1e-7
+    amsgrad: bool = False
+
+
+@dataclass
 class TrainLoopConfig:
     epochs: int = 25
     batch_size: int = 32
@@ -61,9 +94,8 @@ class MlflowConfig:
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    # Optimizers differ in their fields (SGD: momentum; Adam: beta_1, ...), so this node is free-form:
-    # `name` is the Keras class, every other key one of its constructor arguments.
-    optimizer: Dict[str, Any] = field(default_factory=dict)
+    # The optimizer group's file picks the subclass (SGDConfig, AdamConfig) through its schema.
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     seed: int = 0
@@ -86,4 +118,19 @@ def register_configs() -> None:
     """Register the schemas under the names the YAML defaults lists use."""
     cs = ConfigStore.instance()
     cs.store(group="schema", name="train", node=TrainConfig)
+    cs.store(group="optimizer", name="sgd_schema", node=SGDConfig)
+    cs.store(group="optimizer", name="adam_schema", node=AdamConfig)
     cs.store(group="schema", name="reproduce", node=ReproduceConfig)
+
+
+def check(cfg: Any) -> None:
+    """Value checks that types cannot express; raises UserError naming the knob."""
+    at_least_one = {"train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
+                    "train.sample_grid": cfg.train.sample_grid, "data.decode_threads": cfg.data.decode_threads}
+    for knob, value in at_least_one.items():
+        if value < 1:
+            raise UserError(f"{knob}={value}: must be at least 1")
+    if cfg.seed < 0:
+        raise UserError(f"seed={cfg.seed}: must be a non-negative integer")
+    if cfg.train.keras_verbose not in ("auto", "0", "1", "2"):
+        raise UserError(f"train.keras_verbose={cfg.train.keras_verbose!r}: choose auto, 0, 1 or 2")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import urllib.parse
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,7 +91,7 @@ def find_splits(root: str | os.PathLike, seed: int, test_fraction: float = 0.2,
                 limit_per_class: Optional[int] = None) -> Splits:
     """List `root/train` and `root/val`, and split `val/` into validation and test.
 
-    The split is stratified: each class of `val/` is shuffled with `seed` and its first
+    The split is stratified: each class of `val/` is shuffled with `seed` (and its name) and its first
     round(test_fraction * n) files go to test. `limit_per_class` then keeps the first N files (sorted)
     of each class in each split, so a quick run's files are a subset of the full run's, split alike.
     """
@@ -121,7 +122,8 @@ def find_splits(root: str | os.PathLike, seed: int, test_fraction: float = 0.2,
         raise DataError(f"val/ has class folder(s) {', '.join(extra)} that train/ lacks: "
                         "the model cannot learn them; add them to train/ or remove them from val/")
 
-    rng = np.random.default_rng(seed)
+    if seed < 0:
+        raise DataError(f"seed must be a non-negative integer, got {seed}")
     files = {split: SplitFiles() for split in SPLITS}
     ignored: list[str] = []
     for label, name in enumerate(classes):
@@ -135,7 +137,8 @@ def find_splits(root: str | os.PathLike, seed: int, test_fraction: float = 0.2,
         if len(val) < 2:
             raise DataError(f"class folder val/{name} holds {len(val)} image(s); splitting val/ into "
                             "validation and test needs at least two per class")
-        order = rng.permutation(len(val))
+        # One generator per class, keyed by its name: a file added to one class moves no other's split.
+        order = np.random.default_rng([seed, zlib.crc32(name.encode())]).permutation(len(val))
         # At least one file on each side, so every class is validated and tested.
         n_test = min(len(val) - 1, max(1, int(round(test_fraction * len(val)))))
         chosen = {"train": train,
@@ -148,31 +151,57 @@ def find_splits(root: str | os.PathLike, seed: int, test_fraction: float = 0.2,
     return Splits(root=root, classes=classes, files=files, ignored=ignored)
 
 
-def decode_image(path: Path, size: int, interpolation: str = "bilinear",
-                 antialias: bool = False) -> np.ndarray:
-    """Decode one file of any layout (grayscale, CMYK, RGBA, palette) to RGB uint8, size x size.
+# tf.image.resize's methods.
+INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5", "gaussian",
+                  "mitchellcubic")
+# What Pillow raises for files it cannot read: unknown format, truncated data, corrupt headers.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
-    Alpha is dropped, as Keras' loader drops it. Raises OSError/ValueError for unreadable files.
+
+def read_rgb(path: Path) -> np.ndarray:
+    """Decode one file of any layout to an RGB uint8 array (H, W, 3); raises DECODE_ERRORS.
+
+    Grayscale, CMYK and palette images are converted; alpha is dropped, as Keras' loader drops it;
+    16-bit and float images are scaled to 8 bits rather than clipped.
     """
-    import tensorflow as tf
-
     with Image.open(path) as img:
         img.load()  # truncated files fail here, not later
-        rgb = np.asarray(img.convert("RGB"))
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            wide = np.asarray(img, dtype=np.float64)
+            top = 65535.0 if img.mode.startswith("I;16") or wide.max() > 255 else 255.0
+            return np.repeat(np.clip(wide / top * 255.0 + 0.5, 0, 255).astype(np.uint8)[..., None], 3, -1)
+        if img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")
+        return np.asarray(img.convert("RGB"))
+
+
+def resize(rgb: np.ndarray, size: int, interpolation: str = "bilinear", antialias: bool = False) -> np.ndarray:
+    """Resize as Keras' image_dataset_from_directory does (tf.image.resize), rounded back to uint8."""
+    import tensorflow as tf
+
     resized = tf.image.resize(rgb, (size, size), method=interpolation, antialias=antialias)
     return np.clip(np.round(resized.numpy()), 0, 255).astype(np.uint8)
+
+
+def decode_image(path: Path, size: int, interpolation: str = "bilinear",
+                 antialias: bool = False) -> np.ndarray:
+    """One file -> RGB uint8, size x size (see read_rgb and resize)."""
+    return resize(read_rgb(path), size, interpolation, antialias)
 
 
 def decode_split(root: Path, split: SplitFiles, size: int, interpolation: str = "bilinear",
                  antialias: bool = False, threads: int = 2,
                  progress: Optional[Callable[[int, int], None]] = None) -> DecodedSplit:
     """Decode every file of a split; unreadable files are skipped and reported, never touched."""
+    if interpolation not in INTERPOLATIONS:
+        raise DataError(f"data.interpolation={interpolation!r}: choose one of {', '.join(INTERPOLATIONS)}")
 
     def load(rel: str):
         try:
-            return decode_image(root / rel, size, interpolation, antialias), None
-        except Exception as err:  # Pillow raises many types for bad files; all mean "skip it"
+            rgb = read_rgb(root / rel)
+        except DECODE_ERRORS as err:
             return None, f"{type(err).__name__}: {err}"
+        return resize(rgb, size, interpolation, antialias), None
 
     images, labels, kept, skipped = [], [], [], []
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
@@ -208,24 +237,38 @@ def make_dataset(split: DecodedSplit, batch_size: int, shuffle: bool, seed: int 
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def download_imagenette(url: str, md5: Optional[str], cache_dir: Optional[str] = None) -> Path:
-    """Fetch and extract the archive at `url` into the Keras cache; return the folder with train/ and val/.
+def download_imagenette(url: str, checksum: Optional[str], cache_dir: Optional[str] = None) -> Path:
+    """Fetch the archive at `url` into the Keras cache, verify its `checksum` (md5 or sha256), extract it
+    once, and return the folder with train/ and val/.
 
     Raises DataError with one line telling the user what to do when the download or the checksum fails.
     """
     import keras
 
-    name = os.path.basename(urllib.parse.urlsplit(url).path) or "imagenette.tgz"
-    try:
-        extracted = keras.utils.get_file(origin=url, md5_hash=md5, extract=True,
-                                         cache_dir=cache_dir, cache_subdir="datasets")
-    except ValueError as err:  # checksum mismatch
-        raise DataError(f"the archive downloaded from {url} failed its checksum ({err}); "
-                        "check data.url and data.md5, or set data.root=DIR to a local copy") from None
-    except Exception as err:  # offline, refused, HTTP error: Keras raises a bare Exception
-        raise DataError(f"could not download the dataset from {url} ({err}); "
-                        "set data.root=DIR to a folder with train/ and val/") from None
-    extracted = Path(extracted)
+    name = os.path.basename(urllib.parse.urlsplit(url).path)
+    if not name:
+        raise DataError(f"data.url {url!r} names no file: give the archive's address, or set data.root=DIR")
+    # get_file re-extracts on every call; a marker written after a verified extraction skips that.
+    cache_dir = str(Path(cache_dir or os.environ.get("KERAS_HOME", "~/.keras")).expanduser())
+    datadir = Path(cache_dir) / "datasets"
+    # get_file silently moves to /tmp/.keras when cache_dir does not exist yet.
+    datadir.mkdir(parents=True, exist_ok=True)
+    marker = datadir / f"{name}.lenet_sweep-extracted"
+    extracted = datadir / name
+    if not (marker.is_file() and marker.read_text() == (checksum or "") and extracted.is_dir()):
+        try:
+            extracted = Path(keras.utils.get_file(origin=url, file_hash=checksum, extract=True,
+                                                  cache_dir=cache_dir, cache_subdir="datasets"))
+        except ValueError as err:
+            raise DataError(f"the file downloaded from {url} is not the expected archive ({err}); "
+                            "check data.url and data.checksum, or set data.root=DIR to a local copy") from None
+        except Exception as err:  # offline, refused, HTTP error: Keras raises a bare Exception
+            raise DataError(f"could not download the dataset from {url} ({err}); "
+                            "set data.root=DIR to a folder with train/ and val/") from None
+        if not extracted.is_dir():
+            raise DataError(f"the file downloaded from {url} is not an archive Keras can extract; "
+                            "check data.url, or set data.root=DIR to a folder with train/ and val/")
+        marker.write_text(checksum or "")
     for candidate in [extracted, *sorted(p for p in extracted.iterdir() if p.is_dir())]:
         if (candidate / "train").is_dir() and (candidate / "val").is_dir():
             return candidate

@@ -62,8 +62,8 @@ def val_loss_vs_val_accuracy(history: Sequence[dict], title: str) -> Figure:
     ax = fig.add_subplot()
     ax.plot(acc, loss, "-", color="lightgrey", zorder=1)
     points = ax.scatter(acc, loss, c=np.arange(1, len(loss) + 1), cmap="viridis", zorder=2)
-    for i, (a, l) in enumerate(zip(acc, loss), start=1):
-        ax.annotate(str(i), (a, l), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    for i, (a, v) in enumerate(zip(acc, loss), start=1):
+        ax.annotate(str(i), (a, v), textcoords="offset points", xytext=(3, 3), fontsize=7)
     fig.colorbar(points, ax=ax, label="epoch")
     ax.set_xlabel("validation accuracy")
     ax.set_ylabel("validation loss")

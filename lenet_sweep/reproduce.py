@@ -5,15 +5,16 @@ Trains each model of `study` (conf/reproduce.yaml) with the study's protocol as 
 """
 from __future__ import annotations
 
-import sys
-
 import hydra
 import mlflow
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from omegaconf import DictConfig
 
-from lenet_sweep.config import register_configs
+from lenet_sweep.cli import guarded
+from lenet_sweep.config import check, register_configs
 from lenet_sweep.errors import UserError
+from lenet_sweep.tracking import tracked_run
 from lenet_sweep.train import open_store, run_one
 
 
@@ -31,16 +32,24 @@ def table_ii(rows: list[dict]) -> str:
 
 def reproduce(cfg: DictConfig, task_overrides: list[str]) -> list[dict]:
     """Train every study row under one parent run; return Table II's rows."""
-    client, exp = open_store(cfg.mlflow)
     # The user's overrides apply to every row; the rows' own model and optimizer come last and win.
+    # Every row is composed and checked before the first trains, so a bad override costs no training.
     shared = [o for o in task_overrides if not o.lstrip("+~").startswith("study")]
+    run_cfgs = []
+    for row in cfg.study:
+        overrides = [*shared, f"model={row.model}", f"optimizer={row.optimizer}",
+                     *([f"train.epochs={row.epochs}"] if row.epochs else [])]
+        try:
+            run_cfgs.append(hydra.compose(config_name="train", overrides=overrides))
+        except HydraException as err:
+            raise UserError(f"the study row {row.model}/{row.optimizer} cannot take these overrides: "
+                            f"{str(err).splitlines()[0]}") from None
+        check(run_cfgs[-1])
+    exp = open_store(cfg.mlflow)
     rows = []
-    with mlflow.start_run(experiment_id=exp, run_name="reproduce-table-ii",
-                          tags={"lenet_sweep.kind": "reproduce"}) as parent:
-        for row in cfg.study:
-            run_cfg = hydra.compose(config_name="train", overrides=[
-                *shared, f"model={row.model}", f"optimizer={row.optimizer}",
-                *([f"train.epochs={row.epochs}"] if row.epochs else [])])
+    with tracked_run(experiment_id=exp, run_name="reproduce-table-ii",
+                     tags={"lenet_sweep.kind": "reproduce"}) as parent:
+        for row, run_cfg in zip(cfg.study, run_cfgs):
             print(f"== {row.model} ({row.optimizer}, {run_cfg.train.epochs} epochs)")
             result = run_one(run_cfg, parent_run_id=parent.info.run_id)
             rows.append({"model": row.model, "optimizer": row.optimizer, "epochs": len(result.history),
@@ -61,10 +70,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="reproduce")
 def main(cfg: DictConfig) -> None:
-    try:
-        rows = reproduce(cfg, list(HydraConfig.get().overrides.task))
-    except UserError as err:
-        sys.exit(f"error: {err}")
+    rows = guarded(lambda: reproduce(cfg, list(HydraConfig.get().overrides.task)))
     print("\nTable II: test accuracy (study vs lenet_sweep)\n")
     print(table_ii(rows))
 

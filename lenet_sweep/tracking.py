@@ -1,6 +1,7 @@
 """MLflow: where runs go, what a run's params are, and the per-epoch logging callback."""
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import platform
@@ -26,8 +27,8 @@ def resolve_store(tracking_uri: Optional[str], store_dir: str) -> tuple[str, Opt
 
     No URI: the embedded store, `<store_dir>/mlflow.db` (SQLite) with artifacts in
     `<store_dir>/artifacts`. A SQLite URI keeps its artifacts beside its database file. A plain path
-    or `file:` URI is MLflow's file store, which MLflow 3 refuses unless asked for explicitly, and
-    the user has asked. Servers (http, https, databricks) choose their own artifact location.
+    or `file:` URI is MLflow's file store. Servers (http, https, databricks) choose their own artifact
+    location.
     """
     if not tracking_uri:
         store = Path(store_dir).expanduser().resolve()
@@ -39,8 +40,6 @@ def resolve_store(tracking_uri: Optional[str], store_dir: str) -> tuple[str, Opt
         if db.is_absolute() or not tracking_uri.startswith("sqlite:////"):
             db.parent.mkdir(parents=True, exist_ok=True)
         return tracking_uri, (db.resolve().parent / "artifacts").as_uri()
-    if scheme in ("", "file"):
-        os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
     return tracking_uri, None
 
 
@@ -53,6 +52,17 @@ def experiment_id(client: MlflowClient, name: str, artifact_location: Optional[s
                              f"(mlflow experiments restore) or choose another mlflow.experiment")
         return found.experiment_id
     return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def redact(uri: Optional[str]) -> Optional[str]:
+    """`uri` with any password replaced by ***, fit to be logged."""
+    if not uri:
+        return uri
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -106,6 +116,20 @@ class MlflowEpochLogger(keras.callbacks.Callback):
                               synchronous=True)
 
 
-def active_client() -> MlflowClient:
-    """A client for the tracking URI set with `mlflow.set_tracking_uri`."""
-    return MlflowClient(mlflow.get_tracking_uri())
+@contextlib.contextmanager
+def tracked_run(**start_run_args):
+    """`mlflow.start_run` whose run ends KILLED on an interrupt and FAILED, with the reason, on an error.
+
+    (MLflow's own context manager marks both FAILED and records no reason.)
+    """
+    with mlflow.start_run(**start_run_args) as run:
+        try:
+            yield run
+        except KeyboardInterrupt:
+            mlflow.set_tag("failure_reason", "interrupted (Ctrl-C or SIGTERM)")
+            mlflow.end_run("KILLED")
+            raise
+        except Exception as err:
+            mlflow.set_tag("failure_reason", f"{type(err).__name__}: {err}"[:4000])
+            mlflow.end_run("FAILED")
+            raise

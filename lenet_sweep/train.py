@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
+import os
 import sys
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -24,11 +25,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from lenet_sweep import data as D
 from lenet_sweep import plots
-from lenet_sweep.config import register_configs
+from lenet_sweep.cli import guarded
+from lenet_sweep.config import check, register_configs
 from lenet_sweep.errors import UserError
 from lenet_sweep.models import create_model
-from lenet_sweep.tracking import (MlflowEpochLogger, experiment_id, flatten, package_versions,
-                                  resolve_store)
+from lenet_sweep.tracking import (
+    MlflowEpochLogger,
+    experiment_id,
+    flatten,
+    package_versions,
+    redact,
+    resolve_store,
+    tracked_run,
+)
 
 Progress = Callable[[str], None]
 
@@ -70,7 +79,7 @@ def prepare_data(data_cfg: DictConfig, image_size: int, seed: int,
     if not root:
         if progress:
             progress(f"data.root is not set: fetching {data_cfg.url}")
-        root = D.download_imagenette(data_cfg.url, data_cfg.md5, data_cfg.cache_dir)
+        root = D.download_imagenette(data_cfg.url, data_cfg.checksum, data_cfg.cache_dir)
     splits = D.find_splits(root, seed, data_cfg.test_fraction, data_cfg.limit_per_class)
     decoded = {}
     for split in D.SPLITS:
@@ -122,6 +131,13 @@ class ProgressPrinter(keras.callbacks.Callback):
                       f"elapsed {_clock(elapsed)}  ETA {_clock(eta)}")
 
 
+def _keras_verbose(setting: str) -> int:
+    """Keras' `verbose` from train.keras_verbose: the progress bar only on a terminal when "auto"."""
+    if setting == "auto":
+        return 1 if sys.stdout.isatty() else 0
+    return int(setting)
+
+
 def _clock(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -140,11 +156,14 @@ def _log_figure(fig, path: str) -> None:
     fig.clear()
 
 
-def train_and_log(cfg: DictConfig, prepared: PreparedData, client: MlflowClient, experiment: str,
+def train_and_log(cfg: DictConfig, prepared: PreparedData, experiment: str,
                   parent_run_id: Optional[str] = None, run_name: Optional[str] = None,
                   print_fn: Optional[Progress] = None) -> RunResult:
-    """Train `cfg.model` on `prepared`, evaluate it on test once, and record it all as one MLflow run."""
+    """Train `cfg.model` on `prepared`, evaluate it on test once, and record it all as one MLflow run
+    in `experiment` of the store `mlflow.set_tracking_uri` names (see `open_store`)."""
     import tensorflow as tf
+
+    check(cfg)
 
     keras.utils.set_random_seed(cfg.seed)
     if cfg.train.deterministic:
@@ -161,23 +180,23 @@ def train_and_log(cfg: DictConfig, prepared: PreparedData, client: MlflowClient,
                   loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
 
     params = flatten(OmegaConf.to_container(cfg, resolve=True))
+    params["mlflow.tracking_uri"] = redact(params["mlflow.tracking_uri"])
     params.update({"data.resolved_root": str(prepared.splits.root), "data.num_classes": num_classes,
                    "model.parameters": model.count_params()})
-    with mlflow.start_run(experiment_id=experiment, run_name=run_name, parent_run_id=parent_run_id,
-                          nested=parent_run_id is not None,
-                          tags={"lenet_sweep.kind": "train", "model": cfg.model.name}) as run:
+    with tracked_run(experiment_id=experiment, run_name=run_name, parent_run_id=parent_run_id,
+                     nested=parent_run_id is not None,
+                     tags={"lenet_sweep.kind": "train", "model": cfg.model.name}) as run:
         run_id = run.info.run_id
         mlflow.log_params(params)
         mlflow.log_metrics({f"n_{split}": len(d.labels) for split, d in dec.items()}
                            | {"skipped_files": len(prepared.skipped)})
         _log_inputs(cfg, prepared)
 
-        logger = MlflowEpochLogger(client, run_id)
+        logger = MlflowEpochLogger(MlflowClient(mlflow.get_tracking_uri()), run_id)
         callbacks: list[keras.callbacks.Callback] = [logger, keras.callbacks.TerminateOnNaN()]
         if print_fn:
             callbacks.append(ProgressPrinter(print_fn, cfg.train.epochs))
-        verbose = cfg.train.keras_verbose
-        verbose = (1 if sys.stdout.isatty() else 0) if verbose == "auto" else int(verbose)
+        verbose = _keras_verbose(cfg.train.keras_verbose)
         started = time.perf_counter()
         # shuffle=False: train_ds already reshuffles every epoch with the run's seed.
         model.fit(train_ds, validation_data=val_ds, epochs=cfg.train.epochs, callbacks=callbacks,
@@ -185,10 +204,10 @@ def train_and_log(cfg: DictConfig, prepared: PreparedData, client: MlflowClient,
         seconds = time.perf_counter() - started
         history = logger.history
 
-        probs = model.predict(test_ds, verbose=0)
-        test_loss = float(np.mean(keras.losses.sparse_categorical_crossentropy(dec["test"].labels, probs)))
-        predicted = np.argmax(probs, axis=1)
-        test_accuracy = float(np.mean(predicted == dec["test"].labels))
+        # The test split, once: loss and accuracy exactly as Keras computes val_loss and val_accuracy.
+        test = model.evaluate(test_ds, verbose=0, return_dict=True)
+        test_loss, test_accuracy = float(test["loss"]), float(test["accuracy"])
+        predicted = np.argmax(model.predict(test_ds, verbose=0), axis=1)
         confusion = plots.confusion_matrix(dec["test"].labels, predicted, num_classes)
         tp = plots.turning_point(history)
         diverged = any(not math.isfinite(row.get("loss", 0.0)) for row in history)
@@ -199,16 +218,24 @@ def train_and_log(cfg: DictConfig, prepared: PreparedData, client: MlflowClient,
         if diverged:
             mlflow.set_tag("failure_reason", f"loss became NaN/inf in epoch {len(history)}; "
                                              "training was stopped (lower optimizer.learning_rate)")
-    if diverged:  # after the `with`, which would otherwise mark the run FINISHED
-        client.set_terminated(run_id, "FAILED")
+            mlflow.end_run("FAILED")  # the `with` then leaves the ended run as it is
     return RunResult(run_id, history, test_loss, test_accuracy, tp, confusion, seconds, diverged)
+
+
+def _config_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML, with any password in the tracking URI masked."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved["mlflow"]["tracking_uri"] = redact(resolved["mlflow"]["tracking_uri"])
+    return OmegaConf.to_yaml(resolved)
 
 
 def _log_inputs(cfg: DictConfig, prepared: PreparedData) -> None:
     """The run's inputs: resolved config, split manifest, skipped files, package versions, samples."""
-    mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-    mlflow.log_text(_csv(prepared.splits.manifest_rows(), ("split", "class", "path")),
-                    "data/split_manifest.csv")
+    mlflow.log_text(_config_yaml(cfg), "config.yaml")
+    skipped = {(split, path) for split, path, _ in prepared.skipped}
+    mlflow.log_text(_csv([(split, cls, path, "no" if (split, path) in skipped else "yes")
+                          for split, cls, path in prepared.splits.manifest_rows()],
+                         ("split", "class", "path", "decoded")), "data/split_manifest.csv")
     mlflow.log_text(_csv(prepared.skipped, ("split", "path", "reason")), "data/skipped_files.csv")
     counts = {split: np.bincount(d.labels, minlength=len(prepared.names)).tolist()
               for split, d in prepared.decoded.items()}
@@ -247,17 +274,20 @@ def _log_outputs(cfg: DictConfig, prepared: PreparedData, model: keras.Model,
         model.save(path)
         mlflow.log_artifact(str(path), "model")
     mlflow.log_dict({"classes": prepared.splits.classes, "names": prepared.names}, "model/labels.json")
+    mlflow.log_text(_config_yaml(cfg), "model/config.yaml")
     mlflow.log_dict({"input_size": cfg.model.input_size, "channels": "RGB", "scale": 1 / 255,
                      "resize": cfg.data.interpolation, "antialias": cfg.data.antialias},
                     "model/preprocessing.json")
 
 
-def open_store(mlflow_cfg: DictConfig) -> tuple[MlflowClient, str]:
-    """Point MLflow at the configured store; return a client and the experiment id."""
+def open_store(mlflow_cfg: DictConfig) -> str:
+    """Point MLflow at the configured store; return the experiment's id (created if new)."""
     uri, artifact_location = resolve_store(mlflow_cfg.tracking_uri, mlflow_cfg.store_dir)
+    if urllib.parse.urlsplit(uri).scheme in ("", "file"):
+        # MLflow 3 refuses its file store unless asked; a user who names one has asked.
+        os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    return client, experiment_id(client, mlflow_cfg.experiment, artifact_location)
+    return experiment_id(MlflowClient(uri), mlflow_cfg.experiment, artifact_location)
 
 
 def default_run_name(cfg: DictConfig) -> str:
@@ -266,9 +296,10 @@ def default_run_name(cfg: DictConfig) -> str:
 
 def run_one(cfg: DictConfig, parent_run_id: Optional[str] = None) -> RunResult:
     """Prepare data, open the store and train: what the `train` command does, minus the exit code."""
+    check(cfg)
     prepared = prepare_data(cfg.data, cfg.model.input_size, cfg.seed, progress=print)
-    client, exp = open_store(cfg.mlflow)
-    result = train_and_log(cfg, prepared, client, exp, parent_run_id, default_run_name(cfg), print)
+    exp = open_store(cfg.mlflow)
+    result = train_and_log(cfg, prepared, exp, parent_run_id, default_run_name(cfg), print)
     print(f"{cfg.model.name}: test accuracy {result.test_accuracy:.4f}, test loss {result.test_loss:.4f}, "
           f"val loss lowest at epoch {result.turning_point_epoch}, {result.seconds:.0f}s; "
           f"MLflow run {result.run_id} in {mlflow.get_tracking_uri()}")
@@ -280,10 +311,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    try:
-        result = run_one(cfg)
-    except UserError as err:
-        sys.exit(f"error: {err}")
+    result = guarded(lambda: run_one(cfg))
     if result.diverged:
         sys.exit(f"error: training diverged (loss NaN/inf in epoch {len(result.history)}); the run "
                  f"{result.run_id} is marked FAILED. Lower optimizer.learning_rate and try again")

@@ -53,7 +53,7 @@ def test_limit_per_class_keeps_first_sorted_files_of_the_same_split(image_folder
         assert Counter(small.files[split].labels) == {0: 1, 1: 1, 2: 1}
         assert set(small.files[split].paths) <= set(full.files[split].paths)
         for label in range(3):
-            first = min(p for p, l in zip(full.files[split].paths, full.files[split].labels) if l == label)
+            first = min(p for p, y in zip(full.files[split].paths, full.files[split].labels) if y == label)
             assert first in small.files[split].paths
 
 
@@ -92,6 +92,23 @@ def test_grayscale_and_cmyk_become_rgb(tmp_path):
     Image.new("CMYK", (20, 20), (0, 255, 255, 0)).save(tmp_path / "red.jpg", quality=100)
     red = D.decode_image(tmp_path / "red.jpg", 10).astype(int)
     assert red[..., 0].mean() > 200 and red[..., 1].mean() < 60 and red[..., 2].mean() < 60
+
+
+def test_sixteen_bit_and_transparent_palette_images(tmp_path):
+    wide = np.full((8, 8), 40000, np.uint16)
+    Image.fromarray(wide).save(tmp_path / "deep.png")
+    assert abs(int(D.decode_image(tmp_path / "deep.png", 4)[0, 0, 0]) - round(40000 / 65535 * 255)) <= 1
+    pal = Image.new("P", (8, 8), 1)
+    pal.putpalette([0, 0, 0, 200, 10, 10] + [0] * 762)
+    pal.info["transparency"] = 0
+    pal.save(tmp_path / "pal.png", transparency=0)
+    assert D.decode_image(tmp_path / "pal.png", 4)[0, 0].tolist() == [200, 10, 10]
+
+
+def test_bad_interpolation_is_a_config_error_not_a_skipped_file(image_folder):
+    splits = D.find_splits(image_folder, seed=0)
+    with pytest.raises(D.DataError, match="data.interpolation"):
+        D.decode_split(splits.root, splits.files["val"], 8, interpolation="cubic-ish")
 
 
 @pytest.mark.parametrize("breakage, message", [
@@ -169,9 +186,14 @@ def test_download_fetches_verifies_and_extracts_from_a_local_server(tmp_path):
         assert D.find_splits(root, seed=0).classes == sorted(CLASSES)
         with pytest.raises(D.DataError, match="checksum"):
             D.download_imagenette(url, "0" * 32, cache_dir=str(tmp_path / "other_cache"))
+        (served / "page.tgz").write_text("<html>not found</html>")
+        with pytest.raises(D.DataError, match="not an archive"):
+            D.download_imagenette(url.replace("tinynette", "page"), None, cache_dir=str(tmp_path / "c3"))
     finally:
         server.shutdown()
         server.server_close()
+    # verified and extracted once: later runs use the cache without the server
+    assert D.download_imagenette(url, md5, cache_dir=str(tmp_path / "cache")) == root
 
 
 def test_download_without_a_server_says_to_set_data_root(tmp_path):

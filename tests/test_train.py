@@ -67,7 +67,10 @@ def test_train_command_records_exactly_one_complete_run(image_folder, store):
     skipped = Path(client.download_artifacts(run.info.run_id, "data/skipped_files.csv")).read_text()
     assert "truncated.JPEG" in skipped and "notes.jpg" in skipped
     manifest = Path(client.download_artifacts(run.info.run_id, "data/split_manifest.csv")).read_text()
-    assert manifest.count("\ntest,") == 6 and "cmyk.jpg" in manifest
+    assert manifest.count("\ntest,") == 6
+    assert "cmyk.jpg,yes" in manifest and "truncated.JPEG,no" in manifest
+    config = Path(client.download_artifacts(run.info.run_id, "model/config.yaml")).read_text()
+    assert "filters:\n  - 6\n  - 16" in config or "filters: [6, 16]" in config
 
     import keras
     model = keras.saving.load_model(client.download_artifacts(run.info.run_id, "model/model.keras"),
@@ -92,6 +95,9 @@ def test_default_store_is_embedded_and_hydra_leaves_no_files(image_folder, tmp_p
     ("train.epochs=fail", "could not be converted to Integer"),
     ("model=resnet", "Could not find 'model/resnet'"),
     ("data.root=/nonexistent/folder", "error: data.root '/nonexistent/folder' is not a folder"),
+    ("train.epochs=0", "error: train.epochs=0: must be at least 1"),
+    ("model.output_activation=softplusplus", "error: model.output_activation='softplusplus' is not a Keras"),
+    ("optimizer.momentum=[1,2]", "optimizer.momentum"),
 ])
 def test_bad_input_fails_with_a_clear_message_and_records_nothing(override, message, image_folder, store):
     args = ["lenet_sweep.train", f"data.root={image_folder}", f"mlflow.tracking_uri={store}", override]
@@ -115,10 +121,10 @@ def test_same_seed_gives_the_same_metrics(tmp_path):
     root = make_image_folder(tmp_path / "d", n_train=6, n_val=5, messy=False)
     cfg = compose_train([f"data.root={root}", "train.epochs=2", "train.batch_size=4", "seed=7",
                          f"mlflow.tracking_uri=sqlite:///{tmp_path / 's' / 'mlflow.db'}"])
-    client, exp = open_store(cfg.mlflow)
+    exp = open_store(cfg.mlflow)
     prepared = prepare_data(cfg.data, cfg.model.input_size, cfg.seed)
-    first = train_and_log(cfg, prepared, client, exp)
-    second = train_and_log(cfg, prepared, client, exp)
+    first = train_and_log(cfg, prepared, exp)
+    second = train_and_log(cfg, prepared, exp)
     keys = ("loss", "accuracy", "val_loss", "val_accuracy")
     assert [[r[k] for k in keys] for r in first.history] == [[r[k] for k in keys] for r in second.history]
     assert first.test_accuracy == second.test_accuracy
@@ -129,10 +135,10 @@ def test_diverging_run_is_marked_failed_with_its_reason(tmp_path):
     cfg = compose_train([f"data.root={root}", "train.epochs=5", "train.batch_size=4",
                          "optimizer.learning_rate=1e12",
                          f"mlflow.tracking_uri=sqlite:///{tmp_path / 's' / 'mlflow.db'}"])
-    client, exp = open_store(cfg.mlflow)
-    result = train_and_log(cfg, prepare_data(cfg.data, cfg.model.input_size, cfg.seed), client, exp)
+    exp = open_store(cfg.mlflow)
+    result = train_and_log(cfg, prepare_data(cfg.data, cfg.model.input_size, cfg.seed), exp)
     assert result.diverged
-    run = client.get_run(result.run_id)
+    run = MlflowClient(cfg.mlflow.tracking_uri).get_run(result.run_id)
     assert run.info.status == "FAILED"
     assert "NaN" in run.data.tags["failure_reason"]
 
@@ -152,3 +158,44 @@ def test_reproduce_prints_and_logs_table_ii(image_folder, store):
     table = Path(client.download_artifacts(parents[0].info.run_id, "table_ii.md")).read_text()
     for child in children:
         assert f"{child.data.metrics['test_accuracy']:.4f}" in table
+
+
+def test_killed_run_is_marked_killed_and_keeps_its_epochs(tmp_path, store):
+    import signal
+    import time
+
+    root = make_image_folder(tmp_path / "d", n_train=40, n_val=5, size=64, messy=False)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lenet_sweep.train", "model=modified_lenet",
+                             "optimizer=adam", f"data.root={root}", "train.epochs=500", "train.batch_size=8",
+                             f"mlflow.tracking_uri={store}", "mlflow.experiment=killed"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    for line in proc.stdout:
+        if line.startswith("epoch 2/500") or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "KILLED" in err and "Traceback" not in err
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("killed").experiment_id])
+    assert run.info.status == "KILLED"
+    assert "interrupted" in run.data.tags["failure_reason"]
+    assert len(client.get_metric_history(run.info.run_id, "val_loss")) >= 2
+
+
+def test_reproduce_refuses_a_bad_override_before_training_anything(image_folder, store):
+    # momentum is an SGD field: valid for LeNet-5's row, not for the modified LeNet's Adam
+    result = run_cli(["lenet_sweep.reproduce", f"data.root={image_folder}", "optimizer.momentum=0.9",
+                      f"mlflow.tracking_uri={store}", "mlflow.experiment=repro"])
+    assert result.returncode != 0
+    assert "error: the study row modified_lenet/adam cannot take these overrides" in result.stderr
+    assert "epoch 1/" not in result.stdout and "Traceback" not in result.stderr
+
+
+def test_passwords_in_the_tracking_uri_are_not_logged():
+    from lenet_sweep.tracking import redact
+
+    assert redact("postgresql://me:s3cret@db:5432/mlflow") == "postgresql://me:***@db:5432/mlflow"
+    assert redact("https://tracking.example/path") == "https://tracking.example/path"
+    assert redact(None) is None

@@ -62,16 +62,30 @@ def build_lenet(spec: Mapping[str, Any], num_classes: int) -> keras.Model:
         raise UserError(f"model.pooling={spec['pooling']!r}: choose one of {', '.join(POOLING)}")
     if spec["padding"] not in PADDING:
         raise UserError(f"model.padding={spec['padding']!r}: choose one of {', '.join(PADDING)}")
+    for knob in ("conv_activation", "dense_activation", "output_activation"):
+        try:
+            keras.activations.get(spec[knob])
+        except ValueError:
+            raise UserError(f"model.{knob}={spec[knob]!r} is not a Keras activation "
+                            "(relu, softmax, linear, tanh, ...)") from None
+    widths = {"model.filters": filters, "model.kernel_sizes": kernels, "model.dense": list(spec["dense"])}
+    for knob, values in widths.items():
+        if any(v < 1 for v in values):
+            raise UserError(f"{knob}={values}: every entry must be at least 1")
     size = int(spec["input_size"])
+    side = size
+    for i, k in enumerate(kernels, start=1):
+        side = side - k + 1 if spec["padding"] == "valid" else side
+        if side < 2:
+            raise UserError(f"a {size}x{size} input is down to {max(side, 0)}x{max(side, 0)} before pool{i}: "
+                            "use a larger model.input_size, fewer conv layers or padding=same")
+        side //= 2
 
     inputs = keras.Input((size, size, 3), name="image")
     x = inputs
     for i, (n, k) in enumerate(zip(filters, kernels), start=1):
         x = keras.layers.Conv2D(n, k, padding=spec["padding"], activation=spec["conv_activation"],
                                 name=f"conv{i}")(x)
-        if x.shape[1] < 2:
-            raise UserError(f"a {size}x{size} input is down to {x.shape[1]}x{x.shape[2]} before pool{i}: "
-                             "use a larger model.input_size, fewer conv layers or padding=same")
         x = POOLING[spec["pooling"]](2, name=f"pool{i}")(x)
     x = keras.layers.Flatten(name="flatten")(x)
     for i, width in enumerate(spec["dense"], start=1):
