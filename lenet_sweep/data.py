@@ -10,6 +10,7 @@ ever written.
 from __future__ import annotations
 
 import os
+import unicodedata
 import urllib.parse
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -112,12 +113,13 @@ def find_splits(root: str | os.PathLike, seed: int, test_fraction: float = 0.2,
     if len(classes) < 2:
         raise DataError(f"{str(root / 'train')!r} has {len(classes)} class folder(s) "
                         f"({', '.join(classes) or 'none'}); a classifier needs at least two")
-    val_classes = _visible_dirs(root / "val")
-    missing = [c for c in classes if c not in val_classes]
+    # Folder names compared in NFC: a class copied from macOS (NFD) matches its twin.
+    val_folder = {unicodedata.normalize("NFC", c): c for c in _visible_dirs(root / "val")}
+    missing = [c for c in classes if unicodedata.normalize("NFC", c) not in val_folder]
     if missing:
         raise DataError(f"class folder(s) {', '.join(missing)} of train/ are missing from val/: "
                         "every class needs validation and test images")
-    extra = [c for c in val_classes if c not in classes]
+    extra = sorted(set(val_folder) - {unicodedata.normalize("NFC", c) for c in classes})
     if extra:
         raise DataError(f"val/ has class folder(s) {', '.join(extra)} that train/ lacks: "
                         "the model cannot learn them; add them to train/ or remove them from val/")
@@ -128,7 +130,7 @@ def find_splits(root: str | os.PathLike, seed: int, test_fraction: float = 0.2,
     ignored: list[str] = []
     for label, name in enumerate(classes):
         train, skipped_train = _class_files(root / "train" / name, root)
-        val, skipped_val = _class_files(root / "val" / name, root)
+        val, skipped_val = _class_files(root / "val" / val_folder[unicodedata.normalize("NFC", name)], root)
         ignored += skipped_train + skipped_val
         for split, found in (("train", train), ("val", val)):
             if not found:

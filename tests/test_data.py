@@ -146,6 +146,12 @@ def test_unicode_paths(tmp_path):
     splits = D.find_splits(root, seed=0)
     decoded = D.decode_split(splits.root, splits.files["train"], 8)
     assert splits.classes == ["chat_é", "狗"] and len(decoded.labels) == 4 and not decoded.skipped
+    # the same class name, decomposed (as macOS writes it) in val/
+    import unicodedata
+    (root / "val" / "chat_é").rename(root / "val" / unicodedata.normalize("NFD", "chat_é"))
+    again = D.find_splits(root, seed=0)
+    assert again.classes == ["chat_é", "狗"] and len(again.files["val"].paths) == 4
+    assert D.decode_split(again.root, again.files["test"], 8).skipped == []
 
 
 def test_dataset_scales_to_unit_range_and_reshuffles_each_epoch(image_folder):
