@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -69,7 +69,6 @@ class RunResult:
     confusion: np.ndarray
     seconds: float
     diverged: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def prepare_data(data_cfg: DictConfig, image_size: int, seed: int,
