@@ -130,7 +130,5 @@ def check(cfg: Any) -> None:
     for knob, value in at_least_one.items():
         if value < 1:
             raise UserError(f"{knob}={value}: must be at least 1")
-    if cfg.seed < 0:
-        raise UserError(f"seed={cfg.seed}: must be a non-negative integer")
     if cfg.train.keras_verbose not in ("auto", "0", "1", "2"):
         raise UserError(f"train.keras_verbose={cfg.train.keras_verbose!r}: choose auto, 0, 1 or 2")

@@ -16,7 +16,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -192,8 +192,7 @@ def decode_image(path: Path, size: int, interpolation: str = "bilinear",
 
 
 def decode_split(root: Path, split: SplitFiles, size: int, interpolation: str = "bilinear",
-                 antialias: bool = False, threads: int = 2,
-                 progress: Optional[Callable[[int, int], None]] = None) -> DecodedSplit:
+                 antialias: bool = False, threads: int = 2) -> DecodedSplit:
     """Decode every file of a split; unreadable files are skipped and reported, never touched."""
     if interpolation not in INTERPOLATIONS:
         raise DataError(f"data.interpolation={interpolation!r}: choose one of {', '.join(INTERPOLATIONS)}")
@@ -207,16 +206,13 @@ def decode_split(root: Path, split: SplitFiles, size: int, interpolation: str = 
 
     images, labels, kept, skipped = [], [], [], []
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for i, (rel, label, (img, why)) in enumerate(
-                zip(split.paths, split.labels, pool.map(load, split.paths))):
+        for rel, label, (img, why) in zip(split.paths, split.labels, pool.map(load, split.paths)):
             if img is None:
                 skipped.append((rel, why))
             else:
                 images.append(img)
                 labels.append(label)
                 kept.append(rel)
-            if progress:
-                progress(i + 1, len(split.paths))
     array = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
     return DecodedSplit(array, np.asarray(labels, np.int32), kept, skipped)
 

@@ -37,8 +37,7 @@ def resolve_store(tracking_uri: Optional[str], store_dir: str) -> tuple[str, Opt
     scheme = urllib.parse.urlsplit(tracking_uri).scheme
     if scheme == "sqlite":
         db = Path(tracking_uri.split("sqlite:///", 1)[-1])
-        if db.is_absolute() or not tracking_uri.startswith("sqlite:////"):
-            db.parent.mkdir(parents=True, exist_ok=True)
+        db.parent.mkdir(parents=True, exist_ok=True)
         return tracking_uri, (db.resolve().parent / "artifacts").as_uri()
     return tracking_uri, None
 

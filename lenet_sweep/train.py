@@ -108,25 +108,22 @@ def make_optimizer(opt_cfg: DictConfig) -> keras.optimizers.Optimizer:
 
 
 class ProgressPrinter(keras.callbacks.Callback):
-    """One line per epoch: metrics, epoch time, elapsed time and the estimated time left."""
+    """One line per epoch: the row `logger` just recorded (metrics, epoch seconds), elapsed time, ETA.
 
-    def __init__(self, print_fn: Progress, epochs: int):
+    Goes after `logger` in the callback list, which Keras calls in order.
+    """
+
+    def __init__(self, print_fn: Progress, epochs: int, logger: MlflowEpochLogger):
         super().__init__()
-        self.print_fn, self.epochs = print_fn, epochs
-        self._start = self._epoch_start = 0.0
-
-    def on_train_begin(self, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_start = time.perf_counter()
+        self.print_fn, self.epochs, self.logger = print_fn, epochs, logger
 
     def on_epoch_end(self, epoch, logs=None):
-        now = time.perf_counter()
-        elapsed = now - self._start
+        row = dict(self.logger.history[-1])
+        seconds = row.pop("epoch_seconds")
+        elapsed = sum(r["epoch_seconds"] for r in self.logger.history)
         eta = elapsed / (epoch + 1) * (self.epochs - epoch - 1)
-        metrics = "  ".join(f"{k} {v:.4f}" for k, v in (logs or {}).items())
-        self.print_fn(f"epoch {epoch + 1}/{self.epochs}  {metrics}  {now - self._epoch_start:.1f}s  "
+        metrics = "  ".join(f"{k} {v:.4f}" for k, v in row.items())
+        self.print_fn(f"epoch {epoch + 1}/{self.epochs}  {metrics}  {seconds:.1f}s  "
                       f"elapsed {_clock(elapsed)}  ETA {_clock(eta)}")
 
 
@@ -178,8 +175,10 @@ def train_and_log(cfg: DictConfig, prepared: PreparedData, experiment: str,
     model.compile(optimizer=make_optimizer(cfg.optimizer),
                   loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
 
-    params = flatten(OmegaConf.to_container(cfg, resolve=True))
-    params["mlflow.tracking_uri"] = redact(params["mlflow.tracking_uri"])
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved["mlflow"]["tracking_uri"] = redact(resolved["mlflow"]["tracking_uri"])  # no passwords logged
+    config_yaml = OmegaConf.to_yaml(resolved)
+    params = flatten(resolved)
     params.update({"data.resolved_root": str(prepared.splits.root), "data.num_classes": num_classes,
                    "model.parameters": model.count_params()})
     with tracked_run(experiment_id=experiment, run_name=run_name, parent_run_id=parent_run_id,
@@ -189,12 +188,12 @@ def train_and_log(cfg: DictConfig, prepared: PreparedData, experiment: str,
         mlflow.log_params(params)
         mlflow.log_metrics({f"n_{split}": len(d.labels) for split, d in dec.items()}
                            | {"skipped_files": len(prepared.skipped)})
-        _log_inputs(cfg, prepared)
+        _log_inputs(cfg, config_yaml, prepared)
 
         logger = MlflowEpochLogger(MlflowClient(mlflow.get_tracking_uri()), run_id)
         callbacks: list[keras.callbacks.Callback] = [logger, keras.callbacks.TerminateOnNaN()]
         if print_fn:
-            callbacks.append(ProgressPrinter(print_fn, cfg.train.epochs))
+            callbacks.append(ProgressPrinter(print_fn, cfg.train.epochs, logger))
         verbose = _keras_verbose(cfg.train.keras_verbose)
         started = time.perf_counter()
         # shuffle=False: train_ds already reshuffles every epoch with the run's seed.
@@ -213,7 +212,7 @@ def train_and_log(cfg: DictConfig, prepared: PreparedData, experiment: str,
         mlflow.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy,
                             "turning_point_epoch": tp, "train_seconds": seconds,
                             "epochs_run": len(history)})
-        _log_outputs(cfg, prepared, model, history, confusion)
+        _log_outputs(cfg, config_yaml, prepared, model, history, confusion)
         if diverged:
             mlflow.set_tag("failure_reason", f"loss became NaN/inf in epoch {len(history)}; "
                                              "training was stopped (lower optimizer.learning_rate)")
@@ -221,16 +220,9 @@ def train_and_log(cfg: DictConfig, prepared: PreparedData, experiment: str,
     return RunResult(run_id, history, test_loss, test_accuracy, tp, confusion, seconds, diverged)
 
 
-def _config_yaml(cfg: DictConfig) -> str:
-    """The resolved config as YAML, with any password in the tracking URI masked."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved["mlflow"]["tracking_uri"] = redact(resolved["mlflow"]["tracking_uri"])
-    return OmegaConf.to_yaml(resolved)
-
-
-def _log_inputs(cfg: DictConfig, prepared: PreparedData) -> None:
+def _log_inputs(cfg: DictConfig, config_yaml: str, prepared: PreparedData) -> None:
     """The run's inputs: resolved config, split manifest, skipped files, package versions, samples."""
-    mlflow.log_text(_config_yaml(cfg), "config.yaml")
+    mlflow.log_text(config_yaml, "config.yaml")
     skipped = {(split, path) for split, path, _ in prepared.skipped}
     mlflow.log_text(_csv([(split, cls, path, "no" if (split, path) in skipped else "yes")
                           for split, cls, path in prepared.splits.manifest_rows()],
@@ -251,7 +243,7 @@ def _log_inputs(cfg: DictConfig, prepared: PreparedData) -> None:
                                  cfg.train.sample_grid, "training images"), "plots/sample_images.png")
 
 
-def _log_outputs(cfg: DictConfig, prepared: PreparedData, model: keras.Model,
+def _log_outputs(cfg: DictConfig, config_yaml: str, prepared: PreparedData, model: keras.Model,
                  history: list[dict[str, float]], confusion: np.ndarray) -> None:
     """The run's outputs: per-epoch table, the study's curves, confusion matrix and the model."""
     title = f"{cfg.model.name} ({cfg.optimizer.name})"
@@ -273,7 +265,7 @@ def _log_outputs(cfg: DictConfig, prepared: PreparedData, model: keras.Model,
         model.save(path)
         mlflow.log_artifact(str(path), "model")
     mlflow.log_dict({"classes": prepared.splits.classes, "names": prepared.names}, "model/labels.json")
-    mlflow.log_text(_config_yaml(cfg), "model/config.yaml")
+    mlflow.log_text(config_yaml, "model/config.yaml")
     mlflow.log_dict({"input_size": cfg.model.input_size, "channels": "RGB", "scale": 1 / 255,
                      "resize": cfg.data.interpolation, "antialias": cfg.data.antialias},
                     "model/preprocessing.json")
