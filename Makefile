@@ -8,7 +8,7 @@ TF_EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev
 DATA ?= $(wildcard ../shared/datasets/imagenette)
 ARGS ?=
 
-.PHONY: install test sweep reproduce clean
+.PHONY: install test sweep reproduce bench clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ sweep: reproduce
 
 reproduce: install
 	$(PY) -m lenet_sweep.reproduce $(if $(DATA),'data.root="$(DATA)"') $(ARGS)
+
+# Seconds per epoch of lenet_sweep vs plain Keras, and GFLOP/s vs matmul (lenet_sweep/bench.py).
+bench: install
+	$(PY) -m lenet_sweep.bench $(if $(DATA),'data.root="$(DATA)"') $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

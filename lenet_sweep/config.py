@@ -24,6 +24,7 @@ class DataConfig:
     interpolation: str = "bilinear"
     antialias: bool = False
     decode_threads: int = 2
+    decode_cache: Optional[str] = None
     class_names: Dict[str, str] = field(default_factory=dict)
 
 
@@ -77,6 +78,7 @@ class AdamConfig(OptimizerConfig):
 class TrainLoopConfig:
     epochs: int = 25
     batch_size: int = 32
+    steps_per_execution: int = 1
     deterministic: bool = True
     keras_verbose: str = "auto"
     sample_grid: int = 5
@@ -114,6 +116,29 @@ class ReproduceConfig(TrainConfig):
     study: List[StudyRun] = field(default_factory=list)
 
 
+@dataclass
+class BenchCase:
+    model: str = "lenet5"
+    optimizer: str = "sgd"
+    steps: Optional[int] = None
+    val_steps: Optional[int] = None
+
+
+@dataclass
+class BenchSettings:
+    cases: List[BenchCase] = field(default_factory=list)
+    epochs: int = 2
+    baseline: bool = True
+    matmul_size: int = 4096
+    matmul_repeats: int = 3
+    output: Optional[str] = None
+
+
+@dataclass
+class BenchConfig(TrainConfig):
+    bench: BenchSettings = field(default_factory=BenchSettings)
+
+
 def register_configs() -> None:
     """Register the schemas under the names the YAML defaults lists use."""
     cs = ConfigStore.instance()
@@ -121,12 +146,14 @@ def register_configs() -> None:
     cs.store(group="optimizer", name="sgd_schema", node=SGDConfig)
     cs.store(group="optimizer", name="adam_schema", node=AdamConfig)
     cs.store(group="schema", name="reproduce", node=ReproduceConfig)
+    cs.store(group="schema", name="bench", node=BenchConfig)
 
 
 def check(cfg: Any) -> None:
     """Value checks that types cannot express; raises UserError naming the knob."""
     at_least_one = {"train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
-                    "train.sample_grid": cfg.train.sample_grid, "data.decode_threads": cfg.data.decode_threads}
+                    "train.sample_grid": cfg.train.sample_grid,
+                    "train.steps_per_execution": cfg.train.steps_per_execution, "data.decode_threads": cfg.data.decode_threads}
     for knob, value in at_least_one.items():
         if value < 1:
             raise UserError(f"{knob}={value}: must be at least 1")

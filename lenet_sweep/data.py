@@ -3,8 +3,8 @@
 The study's protocol: `train/` trains; `val/` is split 80:20, stratified by class, into validation and
 test. Classes are the sorted folder names of `train/`, pinned for every split. Images of any channel
 layout become RGB, are resized as Keras' `image_dataset_from_directory` resizes them
-(`tf.image.resize`, bilinear, no antialias) and are kept in memory as uint8; batches are scaled to
-[0, 1] on the fly. Files that fail to decode are skipped and reported; nothing under the data root is
+(`tf.image.resize`, bilinear, no antialias) and are kept in memory as uint8 (and on disk, see
+cache.py); batches are scaled to [0, 1] on the fly. Files that fail to decode are skipped and reported; nothing under the data root is
 ever written.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -192,8 +192,12 @@ def decode_image(path: Path, size: int, interpolation: str = "bilinear",
 
 
 def decode_split(root: Path, split: SplitFiles, size: int, interpolation: str = "bilinear",
-                 antialias: bool = False, threads: int = 2) -> DecodedSplit:
-    """Decode every file of a split; unreadable files are skipped and reported, never touched."""
+                 antialias: bool = False, threads: int = 2,
+                 on_image: Optional[Callable[[int], None]] = None) -> DecodedSplit:
+    """Decode every file of a split; unreadable files are skipped and reported, never touched.
+
+    `on_image(done)` is called after each file (a progress bar); see cache.py for the on-disk cache.
+    """
     if interpolation not in INTERPOLATIONS:
         raise DataError(f"data.interpolation={interpolation!r}: choose one of {', '.join(INTERPOLATIONS)}")
 
@@ -206,7 +210,10 @@ def decode_split(root: Path, split: SplitFiles, size: int, interpolation: str = 
 
     images, labels, kept, skipped = [], [], [], []
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for rel, label, (img, why) in zip(split.paths, split.labels, pool.map(load, split.paths)):
+        for done, (rel, label, (img, why)) in enumerate(
+                zip(split.paths, split.labels, pool.map(load, split.paths)), 1):
+            if on_image:
+                on_image(done)
             if img is None:
                 skipped.append((rel, why))
             else:

@@ -23,6 +23,7 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from lenet_sweep import cache
 from lenet_sweep import data as D
 from lenet_sweep import plots
 from lenet_sweep.cli import guarded
@@ -84,11 +85,17 @@ def prepare_data(data_cfg: DictConfig, image_size: int, seed: int,
     for split in D.SPLITS:
         files = splits.files[split]
         started = time.perf_counter()
-        decoded[split] = D.decode_split(splits.root, files, image_size, data_cfg.interpolation,
-                                        data_cfg.antialias, data_cfg.decode_threads)
+        if data_cfg.decode_cache:
+            decoded[split], how = cache.load_or_decode(
+                data_cfg.decode_cache, splits.root, split, files, image_size, data_cfg.interpolation,
+                data_cfg.antialias, data_cfg.decode_threads, progress)
+        else:
+            decoded[split], how = D.decode_split(splits.root, files, image_size, data_cfg.interpolation,
+                                                 data_cfg.antialias, data_cfg.decode_threads), "decoded"
         if progress:
             dec = decoded[split]
-            progress(f"{split}: {len(dec.labels)} images at {image_size}x{image_size} decoded in "
+            source = "loaded from the decode cache" if how == "cache" else "decoded"
+            progress(f"{split}: {len(dec.labels)} images at {image_size}x{image_size} {source} in "
                      f"{time.perf_counter() - started:.1f}s ({len(dec.skipped)} skipped)")
         if not len(decoded[split].labels):
             raise D.DataError(f"no file of the {split} split could be decoded "
@@ -152,6 +159,16 @@ def _log_figure(fig, path: str) -> None:
     fig.clear()
 
 
+def compile_model(cfg: DictConfig, num_classes: int) -> keras.Model:
+    """`cfg.model` built and compiled with `cfg.optimizer` as every run trains it."""
+    model = create_model(cfg.model, num_classes)
+    # from_logits=False on every output: the study's setting, ReLU output included (see models/lenet.py).
+    model.compile(optimizer=make_optimizer(cfg.optimizer),
+                  loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"],
+                  steps_per_execution=cfg.train.steps_per_execution)
+    return model
+
+
 def train_and_log(cfg: DictConfig, prepared: PreparedData, experiment: str,
                   parent_run_id: Optional[str] = None, run_name: Optional[str] = None,
                   print_fn: Optional[Progress] = None) -> RunResult:
@@ -170,17 +187,16 @@ def train_and_log(cfg: DictConfig, prepared: PreparedData, experiment: str,
     val_ds = D.make_dataset(dec["val"], cfg.train.batch_size, shuffle=False)
     test_ds = D.make_dataset(dec["test"], cfg.train.batch_size, shuffle=False)
 
-    model = create_model(cfg.model, num_classes)
-    # from_logits=False on every output: the study's setting, ReLU output included (see models/lenet.py).
-    model.compile(optimizer=make_optimizer(cfg.optimizer),
-                  loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+    model = compile_model(cfg, num_classes)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["mlflow"]["tracking_uri"] = redact(resolved["mlflow"]["tracking_uri"])  # no passwords logged
     config_yaml = OmegaConf.to_yaml(resolved)
     params = flatten(resolved)
     params.update({"data.resolved_root": str(prepared.splits.root), "data.num_classes": num_classes,
-                   "model.parameters": model.count_params()})
+                   "model.parameters": model.count_params(),
+                   # Set before TensorFlow loads (lenet_sweep/__init__.py); it changes float round-off.
+                   "env.TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "")})
     with tracked_run(experiment_id=experiment, run_name=run_name, parent_run_id=parent_run_id,
                      nested=parent_run_id is not None,
                      tags={"lenet_sweep.kind": "train", "model": cfg.model.name}) as run:

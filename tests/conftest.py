@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,9 @@ from PIL import Image
 
 # Quieter TensorFlow in test logs; set before anything imports it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The decode cache of every test (and of the CLI processes they start) in a folder of this session's,
+# never the user's ~/.cache.
+os.environ["LENET_SWEEP_CACHE"] = tempfile.mkdtemp(prefix="lenet_sweep-test-cache-")
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "imagenette"

@@ -1,0 +1,283 @@
+"""Speed benchmark: `python -m lenet_sweep.bench data.root=DIR` (or `make bench DATA=DIR`).
+
+For each case of `bench.cases` (conf/bench.yaml) it times one epoch (training + validation) of
+  - lenet_sweep: the decode cache, tf.data from memory and the compile settings every run uses, and
+  - plain Keras: `image_dataset_from_directory` (decoding every epoch), the same model, `compile` with
+    Keras' defaults, and TensorFlow's own CPU defaults (no TF_ENABLE_ONEDNN_OPTS from lenet_sweep),
+each in a fresh process, one after the other, and prints their ratio. It also measures the best float32
+matmul GFLOP/s of NumPy and of TensorFlow, and sets the convolutional model's achieved training GFLOP/s
+beside them. Cases capped at `steps` train steps are extrapolated to a full epoch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import hydra
+import keras
+import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+
+from lenet_sweep.cli import guarded
+from lenet_sweep.config import check, register_configs
+from lenet_sweep.errors import UserError
+
+PIPELINES = ("lenet_sweep", "plain Keras")
+
+
+def numpy_matmul_gflops(n: int, repeats: int) -> float:
+    """Best GFLOP/s of an n x n float32 matmul in NumPy over `repeats` tries."""
+    rng = np.random.default_rng(0)
+    a, b = rng.random((n, n), np.float32), rng.random((n, n), np.float32)
+    a @ b  # BLAS warm-up: thread pool start, page faults
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * n ** 3 / best / 1e9
+
+
+def tensorflow_matmul_gflops(n: int, repeats: int) -> float:
+    """Best GFLOP/s of an n x n float32 matmul in TensorFlow (this process's kernels) over `repeats`."""
+    import tensorflow as tf
+
+    a, b = tf.random.uniform((n, n)), tf.random.uniform((n, n))
+    matmul = tf.function(tf.linalg.matmul)
+    matmul(a, b).numpy()
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        matmul(a, b).numpy()
+        best = min(best, time.perf_counter() - started)
+    return 2 * n ** 3 / best / 1e9
+
+
+def model_flops(model: keras.Model) -> tuple[float, float]:
+    """(training, inference) FLOPs per image of the Conv2D and Dense layers (multiply-add = 2).
+
+    Training = forward + weight gradient + input gradient, the last skipped for the layer that reads
+    the model's input (nothing needs it). Pooling, activations and the optimizer are left out.
+    """
+    forward = training = 0.0
+    for i, layer in enumerate(l for l in model.layers if isinstance(l, (keras.layers.Conv2D, keras.layers.Dense))):
+        kernel = layer.kernel.shape
+        if isinstance(layer, keras.layers.Conv2D):
+            out_h, out_w = layer.output.shape[1:3]
+            flops = 2.0 * out_h * out_w * np.prod(kernel)
+        else:
+            flops = 2.0 * np.prod(kernel)
+        forward += flops
+        training += flops * (2 if i == 0 else 3)
+    return training, forward
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Wall seconds of each epoch, and of the validation pass inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.epochs: list[tuple[float, float]] = []  # (epoch seconds, validation seconds)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch, self._val = time.perf_counter(), 0.0
+
+    def on_test_begin(self, logs=None):
+        self._val_started = time.perf_counter()
+
+    def on_test_end(self, logs=None):
+        self._val += time.perf_counter() - self._val_started
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs.append((time.perf_counter() - self._epoch, self._val))
+
+
+def _datasets(cfg: DictConfig, pipeline: str) -> tuple[Any, Any, int, int, int, float, str]:
+    """(train, val, n_train, n_val, classes, seconds to prepare, how) for one pipeline."""
+    import tensorflow as tf
+
+    from lenet_sweep import data as D
+    from lenet_sweep.train import prepare_data
+
+    size, batch = cfg.model.input_size, cfg.train.batch_size
+    started = time.perf_counter()
+    if pipeline == "lenet_sweep":
+        prepared = prepare_data(cfg.data, size, cfg.seed, progress=lambda line: print(line, flush=True))
+        train, val = prepared.decoded["train"], prepared.decoded["val"]
+        return (D.make_dataset(train, batch, shuffle=True, seed=cfg.seed), D.make_dataset(val, batch, shuffle=False),
+                len(train.labels), len(val.labels), len(prepared.splits.classes),
+                time.perf_counter() - started, "decode cache" if cfg.data.decode_cache else "decoded in memory")
+    # The study's notebook: Keras' folder loader for train/, and val/ split 80:20 by the same loader.
+    root = Path(cfg.data.root).expanduser()
+    common = dict(image_size=(size, size), batch_size=batch, seed=cfg.seed, verbose=False)
+    train = keras.utils.image_dataset_from_directory(root / "train", **common)
+    val = keras.utils.image_dataset_from_directory(root / "val", validation_split=cfg.data.test_fraction,
+                                                   subset="training", **common)
+    n_train, n_val, classes = len(train.file_paths), len(val.file_paths), len(train.class_names)
+    scale = lambda x, y: (x / 255.0, y)  # noqa: E731 - the study's rescaling
+    return (train.map(scale).prefetch(tf.data.AUTOTUNE), val.map(scale).prefetch(tf.data.AUTOTUNE),
+            n_train, n_val, classes, time.perf_counter() - started, "decoded every epoch")
+
+
+def time_case(container: dict, pipeline: str, steps: int | None, val_steps: int | None,
+              epochs: int, matmul: tuple[int, int]) -> dict:
+    """Time `epochs` epochs of one pipeline in this process; the last epoch counts. Runs in a child."""
+    import tensorflow as tf
+
+    from lenet_sweep.models import create_model
+    from lenet_sweep.train import compile_model, make_optimizer
+
+    cfg = OmegaConf.create(container)
+    train_ds, val_ds, n_train, n_val, classes, prep_seconds, how = _datasets(cfg, pipeline)
+    keras.utils.set_random_seed(cfg.seed)
+    if pipeline == "lenet_sweep":
+        if cfg.train.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        model = compile_model(cfg, classes)
+    else:
+        model = create_model(cfg.model, classes)
+        model.compile(optimizer=make_optimizer(cfg.optimizer),
+                      loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+    batch = cfg.train.batch_size
+    full_steps, full_val_steps = math.ceil(n_train / batch), math.ceil(n_val / batch)
+    steps = min(steps, full_steps) if steps else None
+    val_steps = min(val_steps, full_val_steps) if val_steps else None
+    timer = EpochTimer()
+    model.fit(train_ds, validation_data=val_ds, epochs=epochs, steps_per_epoch=steps,
+              validation_steps=val_steps, callbacks=[timer], verbose=0, shuffle=False)
+    epoch_s, val_s = timer.epochs[-1]
+    train_s = epoch_s - val_s
+    # Per-step rates scale a capped epoch up to the whole split.
+    train_images = steps * batch if steps else n_train
+    val_images = val_steps * batch if val_steps else n_val
+    train_epoch_s = train_s * (full_steps / steps if steps else 1.0)
+    val_epoch_s = val_s * (full_val_steps / val_steps if val_steps else 1.0)
+    train_flops, _ = model_flops(model)
+    return {"pipeline": pipeline, "input": how, "prepare_seconds": prep_seconds,
+            "n_train": n_train, "n_val": n_val, "steps_timed": steps or full_steps,
+            "val_steps_timed": val_steps or full_val_steps, "extrapolated": bool(steps or val_steps),
+            "train_seconds": train_epoch_s, "val_seconds": val_epoch_s,
+            "epoch_seconds": train_epoch_s + val_epoch_s,
+            "train_images_per_second": train_images / train_s, "val_images_per_second": val_images / val_s,
+            "train_gflop_per_image": train_flops / 1e9,
+            "achieved_gflops": train_flops * train_images / train_s / 1e9,
+            "tf_matmul_gflops": tensorflow_matmul_gflops(*matmul),
+            "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "(TensorFlow's default)"),
+            "tensorflow": tf.__version__}
+
+
+def _in_child(pipeline: str, *args) -> dict:
+    """`time_case` in a fresh process: TensorFlow reads its CPU settings once, when it loads, so the
+    baseline gets its own process with TensorFlow's defaults; one child at a time (2 cores)."""
+    saved = os.environ.copy()
+    if pipeline == "plain Keras":
+        os.environ.pop("TF_ENABLE_ONEDNN_OPTS", None)
+        os.environ["LENET_SWEEP_TF_DEFAULTS"] = "1"
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+            return pool.submit(time_case, *args).result()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def run_bench(cfg: DictConfig, task_overrides: list[str]) -> dict:
+    """Time every case with both pipelines; return all numbers (see `format_report`)."""
+    if not cfg.data.root:
+        raise UserError("the benchmark reads a local dataset: set data.root=DIR (or make bench DATA=DIR)")
+    shared = [o for o in task_overrides if not o.lstrip("+~").startswith("bench")]
+    cases = []
+    for case in cfg.bench.cases:
+        try:
+            case_cfg = hydra.compose(config_name="train", overrides=[*shared, f"model={case.model}",
+                                                                      f"optimizer={case.optimizer}"])
+        except HydraException as err:
+            raise UserError(f"the bench case {case.model}/{case.optimizer} cannot take these overrides: "
+                            f"{str(err).splitlines()[0]}") from None
+        check(case_cfg)
+        cases.append((case, OmegaConf.to_container(case_cfg, resolve=True)))
+    matmul = (cfg.bench.matmul_size, cfg.bench.matmul_repeats)
+    report: dict[str, Any] = {"machine": {"cpu": _cpu_name(), "cores": os.cpu_count(),
+                                          "python": platform.python_version()},
+                              "numpy_matmul_gflops": numpy_matmul_gflops(*matmul), "cases": []}
+    pipelines = PIPELINES if cfg.bench.baseline else PIPELINES[:1]
+    for case, container in cases:
+        row = {"model": case.model, "optimizer": case.optimizer,
+               "input_size": container["model"]["input_size"], "results": {}}
+        for pipeline in pipelines:
+            print(f"== {case.model} at {row['input_size']} px: {pipeline}", flush=True)
+            row["results"][pipeline] = _in_child(pipeline, container, pipeline, case.steps, case.val_steps,
+                                                 cfg.bench.epochs, matmul)
+        report["cases"].append(row)
+    return report
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def format_report(report: dict) -> str:
+    """The benchmark's numbers as a markdown table and a compute summary."""
+    lines = [f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores",
+             "", "| model | pipeline | input | s/epoch (train + val) | train s | val s | train img/s | "
+                 "val img/s | achieved GFLOP/s | timed |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in report["cases"]:
+        for pipeline, r in row["results"].items():
+            timed = (f"{r['steps_timed']} + {r['val_steps_timed']} steps, extrapolated" if r["extrapolated"]
+                     else "a full epoch")
+            lines.append(f"| {row['model']} ({row['input_size']} px) | {pipeline} | {r['input']} | "
+                         f"{r['epoch_seconds']:.1f} | {r['train_seconds']:.1f} | {r['val_seconds']:.1f} | "
+                         f"{r['train_images_per_second']:.0f} | {r['val_images_per_second']:.0f} | "
+                         f"{r['achieved_gflops']:.1f} | {timed} |")
+    lines.append("")
+    best = {"NumPy": report["numpy_matmul_gflops"]}
+    for row in report["cases"]:
+        for pipeline, r in row["results"].items():
+            best[f"TensorFlow ({pipeline}: TF_ENABLE_ONEDNN_OPTS={r['TF_ENABLE_ONEDNN_OPTS']})"] = r["tf_matmul_gflops"]
+    top = max(best.values())
+    lines.append("Best float32 matmul GFLOP/s: " + "; ".join(f"{k} {v:.1f}" for k, v in best.items()))
+    for row in report["cases"]:
+        ours = row["results"]["lenet_sweep"]
+        base = row["results"].get("plain Keras")
+        if base:
+            lines.append(f"{row['model']}: lenet_sweep {ours['epoch_seconds']:.1f} s/epoch vs plain Keras "
+                         f"{base['epoch_seconds']:.1f} s/epoch: {base['epoch_seconds'] / ours['epoch_seconds']:.2f}x "
+                         "faster")
+        lines.append(f"{row['model']}: {ours['train_gflop_per_image']:.3f} GFLOP per training image, "
+                     f"{ours['achieved_gflops']:.1f} GFLOP/s achieved = {ours['achieved_gflops'] / top:.0%} of the "
+                     f"best matmul ({top:.1f})"
+                     + (f"; plain Keras {base['achieved_gflops']:.1f} GFLOP/s = "
+                        f"{base['achieved_gflops'] / top:.0%}" if base else ""))
+    return "\n".join(lines) + "\n"
+
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+def main(cfg: DictConfig) -> None:
+    report = guarded(lambda: run_bench(cfg, list(HydraConfig.get().overrides.task)))
+    text = format_report(report)
+    print("\n" + text)
+    if cfg.bench.output:
+        Path(cfg.bench.output).write_text(json.dumps(report, indent=2), encoding="utf-8")
+        print(f"numbers written to {cfg.bench.output}")
+
+
+if __name__ == "__main__":
+    main()
