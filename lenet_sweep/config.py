@@ -127,7 +127,7 @@ class BenchCase:
 @dataclass
 class BenchSettings:
     cases: List[BenchCase] = field(default_factory=list)
-    epochs: int = 2
+    epochs: int = 4
     baseline: bool = True
     matmul_size: int = 4096
     matmul_repeats: int = 3

@@ -199,3 +199,24 @@ def test_passwords_in_the_tracking_uri_are_not_logged():
     assert redact("postgresql://me:s3cret@db:5432/mlflow") == "postgresql://me:***@db:5432/mlflow"
     assert redact("https://tracking.example/path") == "https://tracking.example/path"
     assert redact(None) is None
+
+
+def test_cache_on_or_off_and_steps_per_execution_give_the_same_metrics(tmp_path):
+    root = make_image_folder(tmp_path / "d", n_train=7, n_val=5, messy=False)
+    base = [f"data.root={root}", "train.epochs=2", "train.batch_size=4", "seed=3",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 's' / 'mlflow.db'}"]
+    keys = ("loss", "accuracy", "val_loss", "val_accuracy")
+    results = []
+    for overrides in (["data.decode_cache=null", "train.steps_per_execution=1"],
+                      [f"data.decode_cache={tmp_path / 'c'}", "train.steps_per_execution=1"],  # builds it
+                      [f"data.decode_cache={tmp_path / 'c'}", "train.steps_per_execution=1"],  # loads it
+                      [f"data.decode_cache={tmp_path / 'c'}", "train.steps_per_execution=3"]):  # 6 steps/epoch
+        cfg = compose_train(base + overrides)
+        prepared = prepare_data(cfg.data, cfg.model.input_size, cfg.seed)
+        result = train_and_log(cfg, prepared, open_store(cfg.mlflow))
+        results.append(([[r[k] for k in keys] for r in result.history], result.test_accuracy, result.test_loss))
+    assert len(list((tmp_path / "c").iterdir())) == 3  # train, val, test at 32 px
+    for history, accuracy, loss in results[1:]:
+        np.testing.assert_allclose(history, results[0][0], rtol=1e-5, atol=1e-6)
+        assert accuracy == results[0][1]
+        assert loss == pytest.approx(results[0][2], rel=1e-5)
