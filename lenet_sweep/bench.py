@@ -151,8 +151,11 @@ def time_case(container: dict, pipeline: str, steps: int | None, val_steps: int 
                       loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
     batch = cfg.train.batch_size
     full_steps, full_val_steps = math.ceil(n_train / batch), math.ceil(n_val / batch)
-    steps = min(steps, full_steps) if steps else None
-    val_steps = min(val_steps, full_val_steps) if val_steps else None
+    # Keras runs whole executions of `steps_per_execution` steps, so a cap is rounded up to one; both
+    # pipelines time the same number of steps.
+    per_call = cfg.train.steps_per_execution
+    steps = min(math.ceil(steps / per_call) * per_call, full_steps) if steps else None
+    val_steps = min(math.ceil(val_steps / per_call) * per_call, full_val_steps) if val_steps else None
     timer = EpochTimer()
     model.fit(train_ds, validation_data=val_ds, epochs=epochs, steps_per_epoch=steps,
               validation_steps=val_steps, callbacks=[timer], verbose=0, shuffle=False)

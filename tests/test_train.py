@@ -210,7 +210,7 @@ def test_cache_on_or_off_and_steps_per_execution_give_the_same_metrics(tmp_path)
     for overrides in (["data.decode_cache=null", "train.steps_per_execution=1"],
                       [f"data.decode_cache={tmp_path / 'c'}", "train.steps_per_execution=1"],  # builds it
                       [f"data.decode_cache={tmp_path / 'c'}", "train.steps_per_execution=1"],  # loads it
-                      [f"data.decode_cache={tmp_path / 'c'}", "train.steps_per_execution=3"]):  # 6 steps/epoch
+                      [f"data.decode_cache={tmp_path / 'c'}", "train.steps_per_execution=4"]):  # 6 steps/epoch
         cfg = compose_train(base + overrides)
         prepared = prepare_data(cfg.data, cfg.model.input_size, cfg.seed)
         result = train_and_log(cfg, prepared, open_store(cfg.mlflow))
