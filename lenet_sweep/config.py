@@ -127,7 +127,8 @@ class BenchCase:
 @dataclass
 class BenchSettings:
     cases: List[BenchCase] = field(default_factory=list)
-    epochs: int = 4
+    epochs: int = 3
+    rounds: int = 2
     baseline: bool = True
     matmul_size: int = 4096
     matmul_repeats: int = 3

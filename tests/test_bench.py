@@ -44,6 +44,7 @@ def test_bench_times_both_pipelines_and_prints_the_ratio(tmp_path):
         assert keras_["TF_ENABLE_ONEDNN_OPTS"] == "(TensorFlow's default)"
         for r in (ours, keras_):
             assert r["epoch_seconds"] > 0 and r["tf_matmul_gflops"] > 0 and r["achieved_gflops"] > 0
+            assert len(r["epoch_timings"]) == 4 and r["epochs_timed"] == 2  # 2 rounds of 2 epochs, 1 warm-up each
     capped = report["cases"][1]["results"]["lenet_sweep"]
     assert capped["extrapolated"] and capped["steps_timed"] == 1
 
