@@ -118,14 +118,14 @@ def _datasets(cfg: DictConfig, pipeline: str) -> tuple[Any, Any, int, int, int, 
         return (D.make_dataset(train, batch, shuffle=True, seed=cfg.seed), D.make_dataset(val, batch, shuffle=False),
                 len(train.labels), len(val.labels), len(prepared.splits.classes),
                 time.perf_counter() - started, "decode cache" if cfg.data.decode_cache else "decoded in memory")
-    # The study's notebook: Keras' folder loader for train/, and val/ split 80:20 by the same loader.
+    # The plain-Keras way: Keras' folder loader for train/, and val/ split 80:20 by the same loader.
     root = Path(cfg.data.root).expanduser()
     common = dict(image_size=(size, size), batch_size=batch, seed=cfg.seed, verbose=False)
     train = keras.utils.image_dataset_from_directory(root / "train", **common)
     val = keras.utils.image_dataset_from_directory(root / "val", validation_split=cfg.data.test_fraction,
                                                    subset="training", **common)
     n_train, n_val, classes = len(train.file_paths), len(val.file_paths), len(train.class_names)
-    scale = lambda x, y: (x / 255.0, y)  # noqa: E731 - the study's rescaling
+    scale = lambda x, y: (x / 255.0, y)  # noqa: E731 - to [0, 1], as lenet_sweep scales
     return (train.map(scale).prefetch(tf.data.AUTOTUNE), val.map(scale).prefetch(tf.data.AUTOTUNE),
             n_train, n_val, classes, time.perf_counter() - started, "decoded every epoch")
 
@@ -204,6 +204,9 @@ def run_bench(cfg: DictConfig, task_overrides: list[str]) -> dict:
     """Time every case with both pipelines; return all numbers (see `format_report`)."""
     if not cfg.data.root:
         raise UserError("the benchmark reads a local dataset: set data.root=DIR (or make bench DATA=DIR)")
+    if cfg.data.limit_per_class:
+        raise UserError("data.limit_per_class would time lenet_sweep on fewer images than the plain-Keras "
+                        "baseline, which reads whole folders: leave it unset for the benchmark")
     for knob in ("epochs", "rounds", "matmul_size", "matmul_repeats"):
         if cfg.bench[knob] < 1:
             raise UserError(f"bench.{knob}={cfg.bench[knob]}: must be at least 1")

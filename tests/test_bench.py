@@ -49,7 +49,10 @@ def test_bench_times_both_pipelines_and_prints_the_ratio(tmp_path):
     assert capped["extrapolated"] and capped["steps_timed"] == 1
 
 
-def test_bench_needs_a_local_dataset():
+def test_bench_needs_a_whole_local_dataset(tmp_path):
     result = run_cli(["lenet_sweep.bench", "data.root=null"])
     assert result.returncode != 0
     assert "set data.root=DIR" in result.stderr
+    result = run_cli(["lenet_sweep.bench", f"data.root={tmp_path}", "data.limit_per_class=5"])
+    assert result.returncode != 0
+    assert "data.limit_per_class" in result.stderr and "Traceback" not in result.stderr
