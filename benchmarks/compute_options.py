@@ -51,16 +51,20 @@ def measure(model_name: str, opts: dict) -> dict:
     channels = opts.get("channels", 3)
     L = keras.layers
     if model_name == "lenet5":
-        size, convs, pool, dense, optimizer = 32, [(6, 5, "valid"), (16, 5, "valid")], L.AveragePooling2D, [120, 84], "sgd"
+        size, convs, pool, dense, optimizer = (32, [(6, 5, "valid"), (16, 5, "valid")], L.AveragePooling2D,
+                                               [120, 84], "sgd")
     else:
-        size, convs, pool, dense, optimizer = 128, [(64, 3, "same"), (64, 3, "same"), (32, 3, "same")], L.MaxPooling2D, [64], "adam"
+        size, convs, pool, dense, optimizer = (128, [(64, 3, "same"), (64, 3, "same"), (32, 3, "same")],
+                                               L.MaxPooling2D, [64], "adam")
     shape = (size, size, channels) if fmt == "channels_last" else (channels, size, size)
     x = inputs = keras.Input(shape)
     for filters, kernel, padding in convs:
         if opts.get("pool_first"):  # max(relu(z)) == relu(max(z)): the same numbers, ReLU on a quarter
-            x = L.ReLU()(pool(2, data_format=fmt)(L.Conv2D(filters, kernel, padding=padding, data_format=fmt)(x)))
+            conv = L.Conv2D(filters, kernel, padding=padding, data_format=fmt)
+            x = L.ReLU()(pool(2, data_format=fmt)(conv(x)))
         else:
-            x = pool(2, data_format=fmt)(L.Conv2D(filters, kernel, padding=padding, activation="relu", data_format=fmt)(x))
+            conv = L.Conv2D(filters, kernel, padding=padding, activation="relu", data_format=fmt)
+            x = pool(2, data_format=fmt)(conv(x))
     x = L.Flatten()(x)
     for width in dense:
         x = L.Dense(width, activation="relu")(x)
@@ -90,7 +94,8 @@ def measure(model_name: str, opts: dict) -> dict:
     result = {"train_images_per_second": calls * spe * BATCH / best}
     if model_name == "modified_lenet" and spe == 1:
         for eval_batch in (32, 256):
-            data = tf.data.Dataset.from_tensor_slices(images).batch(eval_batch).map(lambda a: tf.cast(a, tf.float32) / 255.0).cache()
+            data = (tf.data.Dataset.from_tensor_slices(images).batch(eval_batch)
+                    .map(lambda a: tf.cast(a, tf.float32) / 255.0).cache())
             model.predict(data, verbose=0)
             started = time.perf_counter()
             model.predict(data, verbose=0)
@@ -105,9 +110,10 @@ def main(models: list[str]) -> None:
             child_env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
             child_env.update(env, TF_CPP_MIN_LOG_LEVEL="2")
             code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
-                    f"from compute_options import measure; print('RESULT', json.dumps(measure({model_name!r}, {opts!r})))")
+                    "from compute_options import measure; "
+                    f"print('RESULT', json.dumps(measure({model_name!r}, {opts!r})))")
             done = subprocess.run([sys.executable, "-c", code], env=child_env, capture_output=True, text=True)
-            line = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+            line = [out for out in done.stdout.splitlines() if out.startswith("RESULT ")]
             result = json.loads(line[0][7:]) if line else {"error": done.stderr.strip().splitlines()[-1:]}
             rows.append((model_name, name, result))
             print(model_name, "|", name, "|", json.dumps(result), flush=True)

@@ -71,7 +71,8 @@ def model_flops(model: keras.Model) -> tuple[float, float]:
     the model's input (nothing needs it). Pooling, activations and the optimizer are left out.
     """
     forward = training = 0.0
-    for i, layer in enumerate(l for l in model.layers if isinstance(l, (keras.layers.Conv2D, keras.layers.Dense))):
+    weighted = [layer for layer in model.layers if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense))]
+    for i, layer in enumerate(weighted):
         kernel = layer.kernel.shape
         if isinstance(layer, keras.layers.Conv2D):
             out_h, out_w = layer.output.shape[1:3]

@@ -118,7 +118,10 @@ def load_or_decode(cache_dir: str | os.PathLike, root: Path, split: str, files: 
 
 
 def progress_bar(label: str, total: int, stream: TextIO = sys.stdout) -> Callable[[int], None]:
-    """`update(done)`: a bar redrawn in place on a terminal, a line every 10 % in a log."""
+    """`update(done)`: a bar redrawn in place on a terminal, a line every 10 % in a log.
+
+    Not keras.utils.Progbar: off a terminal it prints a line per time interval, not per share done.
+    """
     started = time.perf_counter()
     state = {"shown": -1.0, "decile": -1}
 

@@ -154,7 +154,8 @@ def check(cfg: Any) -> None:
     """Value checks that types cannot express; raises UserError naming the knob."""
     at_least_one = {"train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
                     "train.sample_grid": cfg.train.sample_grid,
-                    "train.steps_per_execution": cfg.train.steps_per_execution, "data.decode_threads": cfg.data.decode_threads}
+                    "train.steps_per_execution": cfg.train.steps_per_execution,
+                    "data.decode_threads": cfg.data.decode_threads}
     for knob, value in at_least_one.items():
         if value < 1:
             raise UserError(f"{knob}={value}: must be at least 1")

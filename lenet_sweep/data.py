@@ -4,8 +4,8 @@ The study's protocol: `train/` trains; `val/` is split 80:20, stratified by clas
 test. Classes are the sorted folder names of `train/`, pinned for every split. Images of any channel
 layout become RGB, are resized as Keras' `image_dataset_from_directory` resizes them
 (`tf.image.resize`, bilinear, no antialias) and are kept in memory as uint8 (and on disk, see
-cache.py); batches are scaled to [0, 1] on the fly. Files that fail to decode are skipped and reported; nothing under the data root is
-ever written.
+cache.py); batches are scaled to [0, 1] on the fly. Files that fail to decode are skipped and
+reported; nothing under the data root is ever written.
 """
 from __future__ import annotations
 
