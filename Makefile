@@ -21,8 +21,9 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(PY) -m pytest -q $(ARGS)
 
-# Until the sweep lands, `make sweep` reproduces the study (both models, 25 epochs).
-sweep: reproduce
+# The default sweep (conf/sweep.yaml): KerasTuner over conf/search/default.yaml, every trial in MLflow.
+sweep: install
+	$(PY) -m lenet_sweep.sweep $(if $(DATA),'data.root="$(DATA)"') $(ARGS)
 
 reproduce: install
 	$(PY) -m lenet_sweep.reproduce $(if $(DATA),'data.root="$(DATA)"') $(ARGS)

@@ -41,6 +41,11 @@ class ModelConfig:
     dense: List[int] = field(default_factory=lambda: [120, 84])
     dense_activation: str = "relu"
     output_activation: str = "softmax"
+    conv_layers: Optional[int] = None
+    batch_norm: bool = False
+    dropout: float = 0.0
+    augment_flip: bool = False
+    augment_shift: float = 0.0
 
 
 @dataclass
@@ -140,6 +145,59 @@ class BenchConfig(TrainConfig):
     bench: BenchSettings = field(default_factory=BenchSettings)
 
 
+@dataclass
+class HyperParameterSpec:
+    """One dimension of a search space: which config key it sets and KerasTuner's hp arguments."""
+
+    key: str = ""                  # config key it sets ("model.filters.0"); "optimizer" picks the group
+    type: str = "choice"           # choice | int | float | boolean
+    values: Optional[List[Any]] = None  # choice: the values
+    min: Optional[float] = None    # int/float: lowest value
+    max: Optional[float] = None    # int/float: highest value
+    step: Optional[float] = None   # int/float: grid step; null: continuous float / step 1 int
+    sampling: str = "linear"       # linear | log | reverse_log
+    default: Optional[Any] = None  # first value KerasTuner tries; null: its own default
+    when: Optional[Dict[str, List[Any]]] = None  # active only when these hyperparameters take these values
+
+
+@dataclass
+class SearchConfig:
+    name: str = "default"
+    space: Dict[str, HyperParameterSpec] = field(default_factory=dict)
+
+
+@dataclass
+class TunerConfig:
+    kind: str = "hyperband"
+    max_trials: Optional[int] = None
+    executions_per_trial: int = 1
+    seed: int = 0
+    max_consecutive_failed_trials: int = 3
+    max_epochs: int = 25
+    factor: int = 3
+    hyperband_iterations: int = 1
+    num_initial_points: Optional[int] = None
+    alpha: float = 1e-4
+    beta: float = 2.6
+
+
+@dataclass
+class SweepSettings:
+    name: str = "default"
+    dir: str = "sweeps"
+    overwrite: bool = False
+    early_stopping_patience: Optional[int] = 3
+    time_limit_minutes: Optional[float] = None
+    top: int = 5
+
+
+@dataclass
+class SweepConfig(TrainConfig):
+    search: SearchConfig = field(default_factory=SearchConfig)
+    tuner: TunerConfig = field(default_factory=TunerConfig)
+    sweep: SweepSettings = field(default_factory=SweepSettings)
+
+
 def register_configs() -> None:
     """Register the schemas under the names the YAML defaults lists use."""
     cs = ConfigStore.instance()
@@ -148,6 +206,7 @@ def register_configs() -> None:
     cs.store(group="optimizer", name="adam_schema", node=AdamConfig)
     cs.store(group="schema", name="reproduce", node=ReproduceConfig)
     cs.store(group="schema", name="bench", node=BenchConfig)
+    cs.store(group="schema", name="sweep", node=SweepConfig)
 
 
 def check(cfg: Any) -> None:

@@ -28,10 +28,38 @@ def curves(history: Sequence[dict], metric: str, title: str, magnify: bool = Fal
     The magnified view drops epoch 1 (whose loss dwarfs the rest) from the y range, so the point
     where validation loss turns up is visible; the turning point is marked.
     """
-    train, val = _series(history, metric), _series(history, f"val_{metric}")
-    epochs = np.arange(1, len(train) + 1)
+    fig = Figure(figsize=(6, 4), dpi=100)
+    _draw_curves(fig.add_subplot(), history, metric, title, magnify)
+    fig.tight_layout()
+    return fig
+
+
+def val_loss_vs_val_accuracy(history: Sequence[dict], title: str) -> Figure:
+    """Validation loss against validation accuracy, one point per epoch, labelled with its epoch."""
     fig = Figure(figsize=(6, 4), dpi=100)
     ax = fig.add_subplot()
+    fig.colorbar(_draw_val_scatter(ax, history, title), ax=ax, label="epoch")
+    fig.tight_layout()
+    return fig
+
+
+def trial_curves(history: Sequence[dict], title: str) -> Figure:
+    """The study's four figures for one trial in one image: loss, magnified loss, accuracy, and
+    validation loss against validation accuracy (one image per trial keeps the logging cheap)."""
+    fig = Figure(figsize=(11, 7.5), dpi=80)
+    axes = fig.subplots(2, 2)
+    _draw_curves(axes[0, 0], history, "loss", "loss")
+    _draw_curves(axes[0, 1], history, "loss", "loss, magnified", magnify=True)
+    _draw_curves(axes[1, 0], history, "accuracy", "accuracy")
+    _draw_val_scatter(axes[1, 1], history, "validation loss vs accuracy")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _draw_curves(ax, history: Sequence[dict], metric: str, title: str, magnify: bool = False) -> None:
+    train, val = _series(history, metric), _series(history, f"val_{metric}")
+    epochs = np.arange(1, len(train) + 1)
     ax.plot(epochs, train, "o-", label=f"training {metric}", markersize=3)
     ax.plot(epochs, val, "o-", label=f"validation {metric}", markersize=3)
     if metric == "loss" and len(epochs):
@@ -51,22 +79,73 @@ def curves(history: Sequence[dict], metric: str, title: str, magnify: bool = Fal
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+
+
+def _draw_val_scatter(ax, history: Sequence[dict], title: str):
+    loss, acc = _series(history, "val_loss"), _series(history, "val_accuracy")
+    ax.plot(acc, loss, "-", color="lightgrey", zorder=1)
+    points = ax.scatter(acc, loss, c=np.arange(1, len(loss) + 1), cmap="viridis", zorder=2)
+    for i, (a, v) in enumerate(zip(acc, loss), start=1):
+        if np.isfinite(a) and np.isfinite(v):
+            ax.annotate(str(i), (a, v), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    ax.set_xlabel("validation accuracy")
+    ax.set_ylabel("validation loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return points
+
+
+def score_by_value(rows: Sequence[dict], names: Sequence[str], score: str, title: str) -> Figure:
+    """`score` against each hyperparameter in `names`, one panel each, one point per trial.
+
+    Numbers are plotted on a numeric axis (log where they span more than a decade); anything else as
+    categories, with a little horizontal jitter so equal scores stay visible.
+    """
+    cols = min(3, max(1, len(names)))
+    nrows = max(1, -(-len(names) // cols))
+    fig = Figure(figsize=(4 * cols, 3.2 * nrows), dpi=80)
+    axes = np.atleast_1d(fig.subplots(nrows, cols, squeeze=False)).ravel()
+    jitter = np.random.default_rng(0)
+    for ax, name in zip(axes, names):
+        pairs = [(row[name], row[score]) for row in rows if row.get(name) is not None
+                 and row.get(score) is not None]
+        ys = np.array([y for _, y in pairs], dtype=float)
+        numeric = pairs and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x, _ in pairs)
+        if numeric:
+            xs = np.array([x for x, _ in pairs], dtype=float)
+            ax.scatter(xs, ys, s=18, alpha=0.8)
+            if xs.min() > 0 and xs.max() / xs.min() > 10:
+                ax.set_xscale("log")
+        elif pairs:
+            levels = sorted({str(x) for x, _ in pairs})
+            xs = np.array([levels.index(str(x)) for x, _ in pairs], dtype=float)
+            ax.scatter(xs + jitter.uniform(-0.12, 0.12, len(xs)), ys, s=18, alpha=0.8)
+            ax.set_xticks(range(len(levels)), levels)
+        ax.set_title(name)
+        ax.set_ylabel(score)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 
 
-def val_loss_vs_val_accuracy(history: Sequence[dict], title: str) -> Figure:
-    """Validation loss against validation accuracy, one point per epoch, labelled with its epoch."""
-    loss, acc = _series(history, "val_loss"), _series(history, "val_accuracy")
+def groups_side_by_side(groups: dict[str, Sequence[float]], score: str, title: str) -> Figure:
+    """A box and the points of `score` for each group (e.g. relu vs softmax output), with n and mean."""
     fig = Figure(figsize=(6, 4), dpi=100)
     ax = fig.add_subplot()
-    ax.plot(acc, loss, "-", color="lightgrey", zorder=1)
-    points = ax.scatter(acc, loss, c=np.arange(1, len(loss) + 1), cmap="viridis", zorder=2)
-    for i, (a, v) in enumerate(zip(acc, loss), start=1):
-        ax.annotate(str(i), (a, v), textcoords="offset points", xytext=(3, 3), fontsize=7)
-    fig.colorbar(points, ax=ax, label="epoch")
-    ax.set_xlabel("validation accuracy")
-    ax.set_ylabel("validation loss")
+    names = list(groups)
+    data = [np.asarray(groups[n], dtype=float) for n in names]
+    if names:
+        ax.boxplot([d if len(d) else [np.nan] for d in data], showfliers=False)
+        jitter = np.random.default_rng(0)
+        for i, d in enumerate(data, start=1):
+            ax.scatter(i + jitter.uniform(-0.1, 0.1, len(d)), d, s=16, alpha=0.8, zorder=3)
+        labels = [f"{n}\nn={len(d)}, mean {np.mean(d):.3f}" if len(d) else f"{n}\nn=0"
+                  for n, d in zip(names, data)]
+        ax.set_xticks(range(1, len(names) + 1), labels)
+    ax.set_ylabel(score)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()

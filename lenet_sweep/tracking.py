@@ -94,13 +94,15 @@ def package_versions() -> dict[str, str]:
 class MlflowEpochLogger(keras.callbacks.Callback):
     """Logs each epoch's metrics and its duration to one MLflow run, in one batched call per epoch.
 
-    Steps are 1-based epochs, as the study counts them.
+    Steps are 1-based epochs, as the study counts them. Metric names are Keras' (loss, val_accuracy,
+    ...) after `prefix`; `seconds` adds up the time spent logging.
     """
 
-    def __init__(self, client: MlflowClient, run_id: str):
+    def __init__(self, client: MlflowClient, run_id: str, prefix: str = ""):
         super().__init__()
-        self.client, self.run_id = client, run_id
+        self.client, self.run_id, self.prefix = client, run_id, prefix
         self.history: list[dict[str, float]] = []
+        self.seconds = 0.0
         self._started = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -110,9 +112,11 @@ class MlflowEpochLogger(keras.callbacks.Callback):
         row = {k: float(v) for k, v in (logs or {}).items()}
         row["epoch_seconds"] = time.perf_counter() - self._started
         self.history.append(row)
+        started = time.perf_counter()
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, epoch + 1) for k, v in row.items()],
-                              synchronous=True)
+        self.client.log_batch(self.run_id, metrics=[Metric(self.prefix + k, v, now, epoch + 1)
+                                                    for k, v in row.items()], synchronous=True)
+        self.seconds += time.perf_counter() - started
 
 
 @contextlib.contextmanager

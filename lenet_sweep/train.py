@@ -73,24 +73,24 @@ class RunResult:
 
 
 def prepare_data(data_cfg: DictConfig, image_size: int, seed: int,
-                 progress: Optional[Progress] = None) -> PreparedData:
-    """List, split and decode the data named by `data_cfg` at `image_size` pixels."""
+                 progress: Optional[Progress] = None, splits: Sequence[str] = D.SPLITS) -> PreparedData:
+    """List, split and decode the data named by `data_cfg` at `image_size` pixels (only `splits`)."""
     root = data_cfg.root
     if not root:
         if progress:
             progress(f"data.root is not set: fetching {data_cfg.url}")
         root = D.download_imagenette(data_cfg.url, data_cfg.checksum, data_cfg.cache_dir)
-    splits = D.find_splits(root, seed, data_cfg.test_fraction, data_cfg.limit_per_class)
+    listed = D.find_splits(root, seed, data_cfg.test_fraction, data_cfg.limit_per_class)
     decoded = {}
-    for split in D.SPLITS:
-        files = splits.files[split]
+    for split in splits:
+        files = listed.files[split]
         started = time.perf_counter()
         if data_cfg.decode_cache:
             decoded[split], how = cache.load_or_decode(
-                data_cfg.decode_cache, splits.root, split, files, image_size, data_cfg.interpolation,
+                data_cfg.decode_cache, listed.root, split, files, image_size, data_cfg.interpolation,
                 data_cfg.antialias, data_cfg.decode_threads, progress)
         else:
-            decoded[split], how = D.decode_split(splits.root, files, image_size, data_cfg.interpolation,
+            decoded[split], how = D.decode_split(listed.root, files, image_size, data_cfg.interpolation,
                                                  data_cfg.antialias, data_cfg.decode_threads), "decoded"
         if progress:
             dec = decoded[split]
@@ -100,7 +100,7 @@ def prepare_data(data_cfg: DictConfig, image_size: int, seed: int,
         if not len(decoded[split].labels):
             raise D.DataError(f"no file of the {split} split could be decoded "
                               f"({len(files.paths)} tried): see the reasons in the skipped-files report")
-    return PreparedData(splits, decoded, D.readable_names(splits.classes, data_cfg.class_names))
+    return PreparedData(listed, decoded, D.readable_names(listed.classes, data_cfg.class_names))
 
 
 def make_optimizer(opt_cfg: DictConfig) -> keras.optimizers.Optimizer:

@@ -37,6 +37,17 @@ ln 10 = 2.3026 and passes no gradient; a run whose units all die stays at chance
 above 1 - 1e-7 also pass no gradient. `model.output_activation=softmax` makes the outputs
 probabilities and removes both effects.
 
+Optional layers, all off in the study's models and searched by the sweep (conf/search/default.yaml):
+
+    knob                  adds
+    conv_layers: N        keeps the first N entries of filters and kernel_sizes (null: all)
+    augment_flip: true    RandomFlip horizontal after the input (training only)
+    augment_shift: F      RandomTranslation by up to F of the side, zero fill, like a padded crop (training only)
+    batch_norm: true      Conv2D without bias -> BatchNormalization -> activation, in every conv block
+    dropout: R            Dropout R after Flatten and after every hidden dense layer (training only)
+
+Augmentation layers are the identity at inference, so an exported model needs no extra preprocessing.
+
 Weights use Keras' default initialisers (Glorot uniform kernels, zero biases).
 """
 from __future__ import annotations
@@ -55,6 +66,12 @@ def build_lenet(spec: Mapping[str, Any], num_classes: int) -> keras.Model:
     """Build a LeNet-family model from a model config (see conf/model/*.yaml and the tables above)."""
     filters = list(spec["filters"])
     kernels = list(spec["kernel_sizes"])
+    layers = spec["conv_layers"]
+    if layers is not None:
+        if not 1 <= layers <= min(len(filters), len(kernels)):
+            raise UserError(f"model.conv_layers={layers}: must be between 1 and the number of entries "
+                            f"of model.filters ({len(filters)}) and model.kernel_sizes ({len(kernels)})")
+        filters, kernels = filters[:layers], kernels[:layers]
     if len(kernels) != len(filters):
         raise UserError(f"model.kernel_sizes has {len(kernels)} entries but model.filters has "
                          f"{len(filters)}: give one kernel size per conv layer")
@@ -72,6 +89,11 @@ def build_lenet(spec: Mapping[str, Any], num_classes: int) -> keras.Model:
     for knob, values in widths.items():
         if any(v < 1 for v in values):
             raise UserError(f"{knob}={values}: every entry must be at least 1")
+    dropout, shift = float(spec["dropout"]), float(spec["augment_shift"])
+    if not 0.0 <= dropout < 1.0:
+        raise UserError(f"model.dropout={dropout}: a rate in [0, 1)")
+    if not 0.0 <= shift < 1.0:
+        raise UserError(f"model.augment_shift={shift}: a fraction of the side in [0, 1)")
     size = int(spec["input_size"])
     side = size
     for i, k in enumerate(kernels, start=1):
@@ -83,12 +105,26 @@ def build_lenet(spec: Mapping[str, Any], num_classes: int) -> keras.Model:
 
     inputs = keras.Input((size, size, 3), name="image")
     x = inputs
+    if spec["augment_flip"]:
+        x = keras.layers.RandomFlip("horizontal", name="flip")(x)
+    if shift:
+        x = keras.layers.RandomTranslation(shift, shift, fill_mode="constant", name="shift")(x)
+    batch_norm = bool(spec["batch_norm"])
     for i, (n, k) in enumerate(zip(filters, kernels), start=1):
-        x = keras.layers.Conv2D(n, k, padding=spec["padding"], activation=spec["conv_activation"],
-                                name=f"conv{i}")(x)
+        if batch_norm:  # the BN shift replaces the conv bias
+            x = keras.layers.Conv2D(n, k, padding=spec["padding"], use_bias=False, name=f"conv{i}")(x)
+            x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
+            x = keras.layers.Activation(spec["conv_activation"], name=f"act{i}")(x)
+        else:
+            x = keras.layers.Conv2D(n, k, padding=spec["padding"], activation=spec["conv_activation"],
+                                    name=f"conv{i}")(x)
         x = POOLING[spec["pooling"]](2, name=f"pool{i}")(x)
     x = keras.layers.Flatten(name="flatten")(x)
+    if dropout:
+        x = keras.layers.Dropout(dropout, name="dropout0")(x)
     for i, width in enumerate(spec["dense"], start=1):
         x = keras.layers.Dense(width, activation=spec["dense_activation"], name=f"dense{i}")(x)
+        if dropout:
+            x = keras.layers.Dropout(dropout, name=f"dropout{i}")(x)
     outputs = keras.layers.Dense(num_classes, activation=spec["output_activation"], name="output")(x)
     return keras.Model(inputs, outputs, name=str(spec["name"]))
