@@ -21,6 +21,10 @@ DOCUMENTED = {
                 (10,)], 62_006, "softmax"),
     "modified_lenet": ([(128, 128, 3), (128, 128, 64), (64, 64, 64), (64, 64, 64), (32, 32, 64),
                         (32, 32, 32), (16, 16, 32), (8192,), (64,), (10,)], 582_186, "relu"),
+    # input, flip, then (conv, bn, act, pool) x 3, flatten, dropout, dense, dropout, output
+    "lenet_search": ([(32, 32, 3), (32, 32, 3), (32, 32, 32), (32, 32, 32), (32, 32, 32), (16, 16, 32),
+                      (16, 16, 64), (16, 16, 64), (16, 16, 64), (8, 8, 64), (8, 8, 64), (8, 8, 64), (8, 8, 64),
+                      (4, 4, 64), (1024,), (1024,), (128,), (128,), (10,)], 189_290, "softmax"),
 }
 
 
@@ -89,3 +93,28 @@ def test_output_activation_switches_to_softmax():
 def test_bad_model_configs_fail_clearly(changes, message):
     with pytest.raises(UserError, match=message):
         create_model(spec("lenet5", **changes), 10)
+
+
+def test_optional_layers_train_only_and_conv_layers_picks_the_first_slots():
+    model = create_model(spec("lenet_search", conv_layers=4, augment_shift=0.125, dropout=0.5), 10)
+    names = [layer.name for layer in model.layers]
+    assert {"flip", "shift", "conv4", "bn4", "dropout0", "dropout1"} <= set(names)
+    assert model.get_layer("conv4").filters == 128 and not model.get_layer("conv1").use_bias
+    x = np.random.default_rng(0).random((4, 32, 32, 3), dtype=np.float32)
+    # inference: augmentation and dropout are the identity, so two calls agree exactly
+    assert np.array_equal(model(x, training=False).numpy(), model(x, training=False).numpy())
+    assert not np.allclose(model(x, training=True).numpy(), model(x, training=False).numpy())
+    plain = create_model(spec("lenet_search", conv_layers=2, batch_norm=False, dropout=0.0,
+                              augment_flip=False), 10)
+    assert [layer.name for layer in plain.layers] == ["image", "conv1", "pool1", "conv2", "pool2", "flatten",
+                                                       "dense1", "output"]
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"conv_layers": 5}, "model.conv_layers=5"),
+    ({"dropout": 1.0}, "model.dropout=1.0"),
+    ({"augment_shift": -0.1}, "model.augment_shift=-0.1"),
+])
+def test_optional_layer_knobs_are_checked(changes, message):
+    with pytest.raises(UserError, match=message):
+        create_model(spec("lenet_search", **changes), 10)

@@ -29,6 +29,25 @@ Modified LeNet (`model=modified_lenet`, 582,186 parameters with 10 classes)::
     Dense 64, ReLU                      (64,)          524,352
     Dense 10, ReLU (sic)                (10,)              650
 
+The sweep's starting point (`model=lenet_search`, 189,290 parameters with 10 classes; the search
+space in conf/search/default.yaml varies every knob below)::
+
+    layer                               output shape     params
+    Input                               (32, 32, 3)
+    RandomFlip horizontal (training)    (32, 32, 3)
+    Conv2D 32, 3x3, same, no bias       (32, 32, 32)       864
+    BatchNormalization, ReLU            (32, 32, 32)       128
+    MaxPooling2D 2x2                    (16, 16, 32)
+    Conv2D 64, 3x3, same, no bias       (16, 16, 64)    18,432
+    BatchNormalization, ReLU            (16, 16, 64)       256
+    MaxPooling2D 2x2                    (8, 8, 64)
+    Conv2D 64, 3x3, same, no bias       (8, 8, 64)      36,864
+    BatchNormalization, ReLU            (8, 8, 64)         256
+    MaxPooling2D 2x2                    (4, 4, 64)
+    Flatten, Dropout 0.25               (1024,)
+    Dense 128, ReLU, Dropout 0.25       (128,)         131,200
+    Dense 10, softmax                   (10,)            1,290
+
 A ReLU output is not a probability vector. The study trained it with Keras' sparse categorical
 cross-entropy (`from_logits=False`), and so do we: on the TensorFlow backend Keras clips the outputs
 to [1e-7, 1 - 1e-7] and renormalises them, loss = -log(clip(p_y) / sum_j clip(p_j)). Outputs of
