@@ -163,7 +163,9 @@ class HyperParameterSpec:
 @dataclass
 class SearchConfig:
     name: str = "default"
-    space: Dict[str, HyperParameterSpec] = field(default_factory=dict)
+    # Entries are HyperParameterSpec; typed when the sweep reads them (lenet_sweep.sweep.typed_space),
+    # so `+search.space.NAME={...}` on the command line can add one.
+    space: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -22,12 +22,12 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from lenet_sweep import data as D
 from lenet_sweep import plots
 from lenet_sweep.cli import guarded
-from lenet_sweep.config import check, register_configs
+from lenet_sweep.config import HyperParameterSpec, check, register_configs
 from lenet_sweep.errors import UserError
 from lenet_sweep.tracking import MlflowEpochLogger, flatten, redact, tracked_run
 from lenet_sweep.train import PreparedData, _csv, _log_figure, compile_model, open_store, prepare_data
@@ -41,12 +41,28 @@ _UNSET = object()
 
 # ---- search space ------------------------------------------------------------------------------
 
+def typed_space(cfg: DictConfig) -> dict[str, Any]:
+    """`cfg.search.space` with every entry checked against `HyperParameterSpec` and its defaults filled."""
+    space = {}
+    for name, entry in (cfg.search.space or {}).items():
+        if not isinstance(entry, DictConfig):
+            raise UserError(f"search.space.{name}={entry!r}: give a mapping such as "
+                            "{key: model.dropout, type: choice, values: [0.0, 0.5]}")
+        try:
+            space[name] = OmegaConf.merge(OmegaConf.structured(HyperParameterSpec), entry)
+        except (ValidationError, KeyError) as err:
+            raise UserError(f"search.space.{name}: {str(err).splitlines()[0]}") from None
+        if not space[name].key:
+            raise UserError(f"search.space.{name}: `key` (the config key it sets) is missing")
+    return space
+
+
 def active_space(cfg: DictConfig, optimizers: Mapping[str, DictConfig]) -> dict[str, Any]:
     """`cfg.search.space` checked against `cfg`, minus what the tuner sets itself.
 
     Hyperband's budget is epochs, so a `train.epochs` dimension is dropped under it.
     """
-    space = dict(cfg.search.space)
+    space = typed_space(cfg)
     if cfg.tuner.kind == "hyperband":
         space = {name: spec for name, spec in space.items() if spec.key != "train.epochs"}
     if not space:
@@ -527,6 +543,7 @@ def run_sweep(cfg: DictConfig, optimizers: Mapping[str, DictConfig],
             _log_sweep_inputs(cfg, space, project)
         hypermodel = LeNetHyperModel(cfg, space, optimizers, data, len(first.splits.classes))
         tuner = make_tuner(cfg, hypermodel, context)
+        project.mkdir(parents=True, exist_ok=True)  # KerasTuner creates it at its first save
         (project / STATE_FILE).write_text(json.dumps(state_fingerprint(cfg), indent=1))
         tuner.search(verbose=0)
         seconds = time.perf_counter() - started
@@ -622,7 +639,7 @@ def format_top(rows: list[dict[str, Any]], space: Mapping[str, Any], n: int) -> 
 def compose_optimizers(cfg: DictConfig, overrides: list[str]) -> dict[str, DictConfig]:
     """The optimizer config of every conf/optimizer file the search space picks, with the user's
     overrides applied (Hydra composes them, so their schemas check them)."""
-    names = {v for spec in cfg.search.space.values() if spec.key == OPTIMIZER_GROUP
+    names = {v for spec in typed_space(cfg).values() if spec.key == OPTIMIZER_GROUP
              for v in spec["values"] or []}
     shared = [o for o in overrides if not o.lstrip("+~").startswith("optimizer=")]
     optimizers = {}
@@ -644,9 +661,15 @@ def run(cfg: DictConfig, overrides: list[str]) -> SweepResult:
     result = run_sweep(cfg, compose_optimizers(cfg, overrides), print)
     finished = [r for r in result.rows if r["status"] == "FINISHED"]
     print(f"sweep {cfg.sweep.name!r}: {len(result.rows)} trials ({len(finished)} finished) in "
-          f"{_clock(result.seconds)}; MLflow parent run {result.parent_run_id} in {mlflow.get_tracking_uri()}")
+          f"{_clock(result.seconds)}; MLflow parent run {result.parent_run_id} "
+          f"in {mlflow.get_tracking_uri()}")
+    trial_seconds = sum(r["trial_seconds"] or 0 for r in result.rows)
+    if trial_seconds:
+        tracking = sum(r["tracking_seconds"] or 0 for r in result.rows)
+        print(f"MLflow logging took {tracking:.1f}s of {trial_seconds:.0f}s in trials "
+              f"({100 * tracking / trial_seconds:.1f}%)")
     print("top trials by validation accuracy (test split untouched):")
-    print(format_top(result.rows, dict(cfg.search.space), cfg.sweep.top))
+    print(format_top(result.rows, typed_space(cfg), cfg.sweep.top))
     return result
 
 

@@ -61,7 +61,7 @@ Optional layers, all off in the study's models and searched by the sweep (conf/s
     knob                  adds
     conv_layers: N        keeps the first N entries of filters and kernel_sizes (null: all)
     augment_flip: true    RandomFlip horizontal after the input (training only)
-    augment_shift: F      RandomTranslation by up to F of the side, zero fill, like a padded crop (training only)
+    augment_shift: F      RandomTranslation by up to F of the side, zero fill (a padded crop; training only)
     batch_norm: true      Conv2D without bias -> BatchNormalization -> activation, in every conv block
     dropout: R            Dropout R after Flatten and after every hidden dense layer (training only)
 

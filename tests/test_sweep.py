@@ -1,0 +1,266 @@
+"""The sweep: search space -> trial config, tracked trials, resume, failures, and the command lines."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import keras_tuner as kt
+import pytest
+from conftest import CONF_DIR, make_image_folder
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+from test_train import REPO, all_artifacts, run_cli
+
+from lenet_sweep import cache, sweep
+from lenet_sweep.config import register_configs
+from lenet_sweep.errors import UserError
+from lenet_sweep.models import create_model
+
+
+def compose_sweep(overrides: list[str]):
+    """(config, optimizers) as `python -m lenet_sweep.sweep OVERRIDES` composes them."""
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="sweep", overrides=overrides)
+        return cfg, sweep.compose_optimizers(cfg, overrides)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("sweep") / "data", n_train=12, n_val=10, size=36,
+                             messy=False)
+
+
+def overrides(folder: Path, tmp_path: Path, store: str, *more: str, name: str = "t") -> list[str]:
+    return [f"data.root={folder}", f"mlflow.tracking_uri={store}", "mlflow.experiment=sweep",
+            f"sweep.name={name}", f"sweep.dir={tmp_path / 'state'}", "train.batch_size=8", *more]
+
+
+def runs_of(store: str, kind: str) -> list:
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("sweep")
+    return client.search_runs([exp.experiment_id], f"tags.`lenet_sweep.kind` = '{kind}'",
+                              order_by=["attributes.start_time ASC"]) if exp else []
+
+
+# ---- search space -> trial config --------------------------------------------------------------
+
+def test_each_value_lands_at_its_config_key_and_builds_through_the_model_builder(tmp_path):
+    cfg, optimizers = compose_sweep(["tuner=random"])
+    space = sweep.active_space(cfg, optimizers)
+    hp = kt.HyperParameters()
+    sweep.hyperparameter_values(hp, space)  # registers every dimension with its default
+    hp.values.update({"conv_layers": 4, "filters_1": 16, "filters_3": 64, "filters_4": 32, "dense_1": 256,
+                      "output_activation": "relu", "optimizer": "sgd", "sgd_learning_rate": 0.02,
+                      "sgd_momentum": 0.9, "dropout": 0.5, "epochs": 10})
+    trial = sweep.trial_config(cfg, space, optimizers, hp)
+    assert trial.model.conv_layers == 4 and list(trial.model.filters) == [16, 32, 64, 32]
+    assert list(trial.model.dense) == [256] and trial.model.output_activation == "relu"
+    assert trial.optimizer.name == "SGD" and trial.optimizer.learning_rate == 0.02
+    assert trial.optimizer.momentum == 0.9 and trial.train.epochs == 10 and trial.model.dropout == 0.5
+    values = sweep.hyperparameter_values(hp, space)
+    assert "adam_learning_rate" not in values and values["sgd_learning_rate"] == 0.02  # inactive branch
+    # the trial's model is what the builder makes from the same config by hand
+    model = create_model(trial.model, 10)
+    assert [model.get_layer(f"conv{i}").filters for i in range(1, 5)] == [16, 32, 64, 32]
+    assert model.get_layer("output").activation.__name__ == "relu"
+    assert cfg.model.conv_layers == 3  # the sweep's own config is untouched
+
+    hyperband_cfg, _ = compose_sweep([])
+    assert "epochs" not in sweep.active_space(hyperband_cfg, optimizers)  # Hyperband's budget
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["+search.space.nope={key: model.nope, type: choice, values: [1]}"], "model.nope.* is not a config key"),
+    (["search.space.dropout.type=uniform"], "choose one of choice, int, float, boolean"),
+    (["+search.space.early={key: model.dropout, type: choice, values: [0.1], when: {later: [1]}}"],
+     "must be a dimension listed above"),
+    (["+search.space.beta={key: optimizer.beta_1, type: choice, values: [0.9], when: {optimizer: [sgd]}}"],
+     "optimizer.beta_1.* is not a config key of optimizer=sgd"),
+    (["+search.space.few={key: model.dropout, type: int, min: 3, max: 1}"], "needs `min` <= `max`"),
+    (["tuner.kind=grid"], "tuner.kind='grid'"),
+])
+def test_a_bad_search_space_is_refused_before_anything_runs(bad, message, folder, tmp_path, store):
+    cfg, optimizers = compose_sweep(overrides(folder, tmp_path, store, *bad))
+    with pytest.raises(UserError, match=message):
+        sweep.run_sweep(cfg, optimizers)
+    assert not runs_of(store, "sweep") and not (tmp_path / "state").exists()
+
+
+# ---- a tracked sweep ---------------------------------------------------------------------------
+
+def test_three_trial_sweep_records_a_parent_and_one_child_per_trial(folder, tmp_path, store, monkeypatch):
+    decoded_splits = []
+    real = cache.load_or_decode
+
+    def spy(cache_dir, root, split, *args, **kwargs):
+        decoded_splits.append(split)
+        return real(cache_dir, root, split, *args, **kwargs)
+
+    monkeypatch.setattr(cache, "load_or_decode", spy)
+    cfg, optimizers = compose_sweep(overrides(folder, tmp_path, store, "tuner.max_trials=3"))
+    lines: list[str] = []
+    result = sweep.run_sweep(cfg, optimizers, lines.append)
+    assert "test" not in decoded_splits  # the sweep never touches the test split
+
+    (parent,) = runs_of(store, "sweep")
+    children = runs_of(store, "trial")
+    assert parent.info.status == "FINISHED" and result.parent_run_id == parent.info.run_id
+    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert sum(line.startswith("trial ") for line in lines) == 3
+
+    client = MlflowClient(store)
+    assert parent.data.params["tuner.kind"] == "hyperband" and parent.data.params["sweep.name"] == "t"
+    assert "output_activation" in parent.data.params["search.dimensions"].split(",")
+    assert Path(parent.data.params["sweep.state_dir"], "oracle.json").exists()
+    assert {"config.yaml", "search_space.yaml", "sweep/ranking.csv", "sweep/relu_vs_softmax.png",
+            "sweep/val_accuracy_vs_hyperparameters.png"} <= all_artifacts(client, parent.info.run_id)
+    parent = client.get_run(parent.info.run_id)
+    assert parent.data.metrics["trials"] == 3 and parent.data.metrics["trials_finished"] == 3
+    assert 0 < parent.data.metrics["tracking_overhead"] < 1
+
+    scores = {}  # KerasTuner's own record of each trial
+    for trial_file in (tmp_path / "state" / "t").glob("trial_*/trial.json"):
+        saved = json.loads(trial_file.read_text())
+        scores[saved["trial_id"]] = saved["score"]
+    for child in children:
+        params, metrics = child.data.params, child.data.metrics
+        trial_id = child.data.tags["lenet_sweep.trial_id"]
+        for name in ("input_size", "conv_layers", "filters_1", "dense_1", "output_activation", "optimizer",
+                     "tuner/epochs", "model.filters", "optimizer.learning_rate", "train.epochs"):
+            assert name in params, name
+        assert params["train.epochs"] == params["tuner/epochs"]
+        assert metrics["best_val_accuracy"] == pytest.approx(scores[trial_id])  # KerasTuner's score
+        assert metrics["trial_seconds"] > metrics["tracking_seconds"] > 0
+        history = client.get_metric_history(child.info.run_id, "val_accuracy")
+        assert [m.step for m in history] == list(range(1, int(metrics["epochs_run"]) + 1))
+        assert {"plots/curves.png", "history.csv"} <= all_artifacts(client, child.info.run_id)
+
+    text = Path(client.download_artifacts(parent.info.run_id, "sweep/ranking.csv", str(tmp_path))).read_text()
+    ranking = list(csv.DictReader(io.StringIO(text)))
+    accuracies = [float(r["val_accuracy"]) for r in ranking]
+    assert accuracies == sorted(accuracies, reverse=True) and [r["rank"] for r in ranking] == ["1", "2", "3"]
+    assert [r["trial"] for r in ranking] == [r["trial"] for r in result.rows]
+
+
+def test_resume_after_an_interruption_repeats_no_finished_trial(folder, tmp_path, store, monkeypatch):
+    cfg, optimizers = compose_sweep(overrides(folder, tmp_path, store, "tuner.max_trials=3"))
+    fits = []
+    real_fit = sweep.LeNetHyperModel.fit
+
+    interrupted = []
+
+    def interrupt_second(self, *args, **kwargs):
+        fits.append(self.seed)
+        if len(fits) == 2 and not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt("Ctrl-C in trial 2")
+        return real_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(sweep.LeNetHyperModel, "fit", interrupt_second)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(cfg, optimizers)
+    (parent,) = runs_of(store, "sweep")
+    assert parent.info.status == "KILLED"
+    assert [c.info.status for c in runs_of(store, "trial")] == ["FINISHED", "KILLED"]
+
+    # a trial whose process was SIGKILLed stays RUNNING in MLflow: the resume must close it
+    client = MlflowClient(store)
+    orphan = client.create_run(parent.info.experiment_id, tags={
+        "mlflow.parentRunId": parent.info.run_id, "lenet_sweep.kind": "trial", "lenet_sweep.trial_id": "9"})
+
+    fits.clear()
+    result = sweep.run_sweep(cfg, optimizers)
+    assert len(fits) == 2  # the interrupted trial again, then the third; the finished one is not rerun
+    assert result.resumed and result.parent_run_id == parent.info.run_id
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    assert client.get_run(orphan.info.run_id).info.status == "KILLED"
+    assert "cut off" in client.get_run(orphan.info.run_id).data.tags["failure_reason"]
+    by_trial: dict[str, list] = {}
+    for child in runs_of(store, "trial"):
+        by_trial.setdefault(child.data.tags["lenet_sweep.trial_id"], []).append(child)
+    finished = {t: [c for c in runs if c.info.status == "FINISHED"] for t, runs in by_trial.items()}
+    assert sorted(t for t, runs in finished.items() if len(runs) == 1) == ["0", "1", "2"]
+    assert [c.data.tags["lenet_sweep.attempt"] for c in by_trial["1"]] == ["1", "2"]
+    assert [c.info.status for c in by_trial["1"]] == ["KILLED", "FINISHED"]
+    assert not [c for c in runs_of(store, "trial") if c.info.status == "RUNNING"]
+    assert len(result.rows) == 4 and [r["status"] for r in result.rows[:3]] == ["FINISHED"] * 3
+
+
+def test_diverging_and_crashing_trials_are_failed_with_reasons_and_the_sweep_goes_on(folder, tmp_path, store):
+    cfg, optimizers = compose_sweep(overrides(folder, tmp_path, store, "tuner=random", "optimizer=sgd",
+                                              "tuner.max_trials=4", "tuner.max_consecutive_failed_trials=10"))
+    # a learning rate that overflows, and a dense width the builder refuses
+    cfg.search.space = {
+        "learning_rate": {"key": "optimizer.learning_rate", "type": "choice", "values": [0.01, 1.0e12]},
+        "dense_1": {"key": "model.dense.0", "type": "choice", "values": [16, 0]},
+        "epochs": {"key": "train.epochs", "type": "choice", "values": [2]}}
+    result = sweep.run_sweep(cfg, {})
+    children = runs_of(store, "trial")
+    assert len(children) == 4
+    failed = [c for c in children if c.info.status == "FAILED"]
+    reasons = sorted(c.data.tags["failure_reason"] for c in failed)
+    assert len(failed) == 3 and sum("NaN" in r for r in reasons) == 1
+    assert sum("model.dense=[0]" in r for r in reasons) == 2
+    (ok,) = [c for c in children if c.info.status == "FINISHED"]
+    assert ok.data.params["learning_rate"] == "0.01" and ok.data.params["dense_1"] == "16"
+    assert [r["status"] for r in result.rows] == ["FINISHED", "FAILED", "FAILED", "FAILED"]
+    (parent,) = runs_of(store, "sweep")
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_failed"] == 3
+
+
+def test_a_changed_sweep_is_not_resumed_and_overwrite_starts_afresh(folder, tmp_path, store):
+    base = overrides(folder, tmp_path, store, "tuner.max_trials=1")
+    sweep.run_sweep(*compose_sweep(base))
+    with pytest.raises(UserError, match=r"model.dropout: 0.25 -> 0.5.*sweep.overwrite=true"):
+        sweep.run_sweep(*compose_sweep([*base, "model.dropout=0.5"]))
+    result = sweep.run_sweep(*compose_sweep([*base, "model.dropout=0.5", "sweep.overwrite=true"]))
+    first, second = runs_of(store, "sweep")
+    assert result.parent_run_id == second.info.run_id != first.info.run_id
+    assert len(result.rows) == 1 and len(runs_of(store, "trial")) == 2  # nothing recorded was lost
+    saved = json.loads((tmp_path / "state" / "t" / sweep.STATE_FILE).read_text())
+    assert saved["model.dropout"] == 0.5
+
+
+# ---- the command lines of the issue ------------------------------------------------------------
+
+def test_the_sweep_command_lines_work_as_written(folder, tmp_path, store):
+    name = f"cli-{uuid.uuid4().hex[:8]}"
+    args = [f"data.root={folder}", "tuner.max_trials=3", "data.limit_per_class=20",
+            f"mlflow.tracking_uri={store}", f"mlflow.experiment={name}", f"sweep.name={name}"]
+    result = run_cli(["lenet_sweep.sweep", *args], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "top trials by validation accuracy" in result.stdout
+    assert sum(line.startswith("trial ") for line in result.stdout.splitlines()) == 3
+    assert (tmp_path / "sweeps" / name / "oracle.json").exists()
+
+    # make sweep: the same arguments through ARGS; its state lands in the checkout's sweeps/ folder
+    import subprocess
+
+    try:
+        made = subprocess.run(["make", "-s", "sweep", "ARGS=" + " ".join(args[:4] + [
+            f"mlflow.experiment={name}-make", f"sweep.name={name}"])], cwd=REPO, capture_output=True,
+            text=True, timeout=600)
+        assert made.returncode == 0, made.stderr[-3000:]
+        assert "top trials by validation accuracy" in made.stdout
+    finally:
+        shutil.rmtree(REPO / "sweeps" / name, ignore_errors=True)
+
+    bad = run_cli(["lenet_sweep.sweep", f"data.root={folder}", "tuner.max_trials=many"], cwd=tmp_path)
+    assert bad.returncode != 0 and "tuner.max_trials" in bad.stderr and "Traceback" not in bad.stderr
+    unknown = run_cli(["lenet_sweep.sweep", f"data.root={folder}", "tuner=grid"], cwd=tmp_path)
+    assert unknown.returncode != 0 and "hyperband" in unknown.stderr
+
+
+def test_the_time_limit_stops_new_trials_and_a_rerun_goes_on(folder, tmp_path, store):
+    base = overrides(folder, tmp_path, store, "tuner.max_trials=2")
+    lines: list[str] = []
+    first = sweep.run_sweep(*compose_sweep([*base, "sweep.time_limit_minutes=0.0001"]), lines.append)
+    assert len(first.rows) == 1 and any("time_limit_minutes=0.0001 reached" in line for line in lines)
+    second = sweep.run_sweep(*compose_sweep(base))
+    assert second.resumed and len(second.rows) == 2 and len(runs_of(store, "trial")) == 2
