@@ -48,7 +48,7 @@ def best_on_test(cfg: DictConfig, overrides: list[str]) -> None:
           f"tuner/epochs={best.hyperparameters.values.get('tuner/epochs', trial_cfg.train.epochs)}")
     experiment = open_store(cfg.mlflow)
     client = MlflowClient(mlflow.get_tracking_uri())
-    parent = sweep.find_sweep_run(client, experiment, cfg.sweep.name)
+    parent = sweep.find_sweep_run(client, experiment, cfg.sweep.name, project)
     if parent is not None:
         client.log_metric(parent.info.run_id, "best_trial_test_accuracy", result["accuracy"])
         client.set_tag(parent.info.run_id, "best_trial_on_test", best.trial_id)

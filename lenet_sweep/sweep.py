@@ -6,9 +6,12 @@ Trials are chosen and ranked on the validation split only; the test split is nev
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from lenet_sweep import data as D
 from lenet_sweep import plots
@@ -50,7 +54,7 @@ def typed_space(cfg: DictConfig) -> dict[str, Any]:
                             "{key: model.dropout, type: choice, values: [0.0, 0.5]}")
         try:
             space[name] = OmegaConf.merge(OmegaConf.structured(HyperParameterSpec), entry)
-        except (ValidationError, KeyError) as err:
+        except OmegaConfBaseException as err:
             raise UserError(f"search.space.{name}: {str(err).splitlines()[0]}") from None
         if not space[name].key:
             raise UserError(f"search.space.{name}: `key` (the config key it sets) is missing")
@@ -221,6 +225,8 @@ class SweepContext:
     print_fn: Optional[Progress]
     started: float
     time_limit_minutes: Optional[float] = None
+    max_consecutive_failures: int = 3
+    stopped_because: str = ""
 
 
 def best_epoch_metrics(histories: list) -> dict[str, float]:
@@ -245,6 +251,7 @@ class TrialTracking:
         self.context = context
         self.histories: dict[str, list[dict]] = {}  # trial id -> rows, for Hyperband's promoted trials
         self.last_reason = ""
+        self.failures_in_a_row = 0
         self._loggers: list[MlflowEpochLogger] = []
         super().__init__(*args, **kwargs)
 
@@ -268,16 +275,22 @@ class TrialTracking:
     def run_trial(self, trial, *args, **kwargs):
         started = time.perf_counter()
         hp = trial.hyperparameters
-        cfg = self.hypermodel.config(hp)
-        attempt = mark_cut_off_trials(self.context, trial.trial_id)
+        attempts = trial_attempts(self.context, trial.trial_id)
+        attempt = len(attempts) + 1
+        recorded = next((run for run in attempts if run.info.status == "FINISHED"), None)
+        if recorded is not None:
+            # Finished and logged, but the process ended before KerasTuner saved it: reuse, don't retrain.
+            m = recorded.data.metrics
+            return {k[len("best_"):]: v for k, v in m.items() if k.startswith("best_") and k != "best_epoch"}
         self._loggers = []
         reason = ""
         try:
             with tracked_run(experiment_id=self.context.experiment_id, run_name=f"trial-{trial.trial_id}",
                              parent_run_id=self.context.parent_run_id, nested=True,
                              tags={"lenet_sweep.kind": "trial", "lenet_sweep.sweep": self.context.sweep_name,
-                                   "lenet_sweep.trial_id": trial.trial_id, "lenet_sweep.attempt": attempt,
-                                   "model": cfg.model.name}):
+                                   "lenet_sweep.trial_id": trial.trial_id, "lenet_sweep.attempt": attempt}):
+                cfg = self.hypermodel.config(hp)
+                mlflow.set_tag("model", cfg.model.name)
                 mlflow.log_params(trial_params(cfg, hp, self.hypermodel.space))
                 fit_started = time.perf_counter()
                 histories = super().run_trial(trial, *args, **kwargs)
@@ -303,11 +316,13 @@ class TrialTracking:
         initial = int(hp.values.get("tuner/initial_epoch", 0))
         if previous:  # Hyperband: this trial goes on from `previous`'s weights at epoch `initial`
             mlflow.set_tag("lenet_sweep.continues_trial", previous)
-            inherited = self.histories.get(previous, [])
-            rows = (inherited + [{}] * initial)[:initial] + rows
+            if previous not in self.histories:  # trained before a resume: read back what was logged
+                self.histories[previous] = recorded_history(self.context, previous)
+            rows = (self.histories[previous] + [{}] * initial)[:initial] + rows
         self.histories[trial.trial_id] = rows
         best = best_epoch_metrics(histories)
-        _log_figure(plots.trial_curves(rows, f"trial {trial.trial_id}: {cfg.model.name}, "
+        shown = f" (execution 1 of {len(histories)})" if len(histories) > 1 else ""
+        _log_figure(plots.trial_curves(rows, f"trial {trial.trial_id}{shown}: {cfg.model.name}, "
                                              f"{describe(hyperparameter_values(hp, self.hypermodel.space))}"),
                     "plots/curves.png")
         keys = sorted({k for row in rows for k in row})
@@ -325,29 +340,34 @@ class TrialTracking:
     def on_trial_end(self, trial):
         super().on_trial_end(trial)
         done = len(self.oracle.trials)
-        limit = self.context.time_limit_minutes
-        out_of_time = limit is not None and time.perf_counter() - self.context.started > 60 * limit
-        if out_of_time and (self.oracle.max_trials is None or self.oracle.max_trials > done):
-            self.oracle.max_trials = done  # KerasTuner's own stop: the oracle creates no further trial
-            if self.context.print_fn:
-                self.context.print_fn(f"sweep.time_limit_minutes={limit} reached: no new trial starts; "
-                                      "rerun the same command to go on")
-        if not self.context.print_fn:
-            return
-        total = f"/{self.oracle.max_trials}" if self.oracle.max_trials else ""
-        values = describe({k: v for k, v in trial.hyperparameters.values.items()
-                           if trial.hyperparameters.is_active(k) and not k.startswith("tuner/")
-                           or k == "tuner/epochs"})
-        best = self.oracle.get_best_trials(1)
-        best_score = f"{best[0].score:.4f}" if best and best[0].score is not None else "-"
-        elapsed = time.perf_counter() - self.context.started
-        if trial.status == "COMPLETED":
-            outcome = f"{OBJECTIVE} {trial.score:.4f}"
-        else:
-            outcome = f"{trial.status}: {self.last_reason or one_line((trial.message or '').strip())}"
-        self.context.print_fn(f"trial {done}{total} [{trial.trial_id}] {outcome}  (best {best_score})  "
-                              f"{values}  elapsed {_clock(elapsed)}")
+        reason = self.last_reason or one_line((trial.message or "").strip())
         self.last_reason = ""
+        self.failures_in_a_row = self.failures_in_a_row + 1 if trial.status == "FAILED" else 0
+        if self.context.print_fn:
+            total = f"/{self.oracle.max_trials}" if self.oracle.max_trials else ""
+            values = describe({k: v for k, v in trial.hyperparameters.values.items()
+                               if trial.hyperparameters.is_active(k) and not k.startswith("tuner/")
+                               or k == "tuner/epochs"})
+            best = self.oracle.get_best_trials(1)
+            best_score = f"{best[0].score:.4f}" if best and best[0].score is not None else "-"
+            outcome = f"{OBJECTIVE} {trial.score:.4f}" if trial.status == "COMPLETED" else \
+                f"{trial.status}: {reason}"
+            elapsed = time.perf_counter() - self.context.started
+            self.context.print_fn(f"trial {done}{total} [{trial.trial_id}] {outcome}  (best {best_score})  "
+                                  f"{values}  elapsed {_clock(elapsed)}")
+        limit = self.context.time_limit_minutes
+        stop = ""
+        if limit is not None and time.perf_counter() - self.context.started > 60 * limit:
+            stop = (f"sweep.time_limit_minutes={limit} reached: no new trial starts; rerun the same "
+                    "command to go on")
+        if self.failures_in_a_row >= self.context.max_consecutive_failures:
+            stop = (f"{self.failures_in_a_row} trials in a row failed (tuner.max_consecutive_failed_trials), "
+                    f"the last: {reason}. Fix the search space and rerun the same command to go on")
+        if stop and (self.oracle.max_trials is None or self.oracle.max_trials > done):
+            self.oracle.max_trials = done  # KerasTuner's own stop: the oracle creates no further trial
+            self.context.stopped_because = stop
+            if self.context.print_fn:
+                self.context.print_fn(stop)
 
 
 class TrackedRandomSearch(TrialTracking, kt.RandomSearch):
@@ -365,10 +385,12 @@ class TrackedHyperband(TrialTracking, kt.Hyperband):
 def make_tuner(cfg: DictConfig, hypermodel: LeNetHyperModel, context: SweepContext) -> kt.Tuner:
     """The tuner `cfg.tuner.kind` names, with its state in `<sweep.dir>/<sweep.name>/`."""
     t = cfg.tuner
+    # KerasTuner's own failure limit raises out of the search with the trial half-saved; ours stops
+    # cleanly (TrialTracking.on_trial_end), so KerasTuner's is set out of reach.
     common = dict(hypermodel=hypermodel, objective=kt.Objective(OBJECTIVE, "max"), seed=t.seed,
-                  executions_per_trial=t.executions_per_trial, directory=cfg.sweep.dir,
+                  executions_per_trial=t.executions_per_trial, directory=str(state_dir(cfg).parent),
                   project_name=cfg.sweep.name, overwrite=cfg.sweep.overwrite,
-                  max_consecutive_failed_trials=t.max_consecutive_failed_trials, context=context)
+                  max_consecutive_failed_trials=2**31, context=context)
     if t.kind == "random":
         return TrackedRandomSearch(max_trials=t.max_trials, **common)
     if t.kind == "bayesian":
@@ -404,11 +426,12 @@ def diverged(histories: list) -> str:
     return ""
 
 
-def find_sweep_run(client: MlflowClient, experiment_id: str, name: str):
-    """The latest parent run of sweep `name` in the experiment, or None."""
-    runs = client.search_runs([experiment_id], f"tags.`lenet_sweep.kind` = 'sweep' and "
-                              f"tags.`lenet_sweep.sweep` = '{_quote(name)}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
+def find_sweep_run(client: MlflowClient, experiment_id: str, name: str, state: Optional[Path] = None):
+    """The latest parent run of sweep `name` in the experiment (kept in `state`, if given), or None."""
+    query = f"tags.`lenet_sweep.kind` = 'sweep' and tags.`lenet_sweep.sweep` = '{_quote(name)}'"
+    if state is not None:
+        query += f" and params.`sweep.state_dir` = '{_quote(str(state))}'"
+    runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
 
 
@@ -424,20 +447,39 @@ def trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> 
             return runs
 
 
-def mark_cut_off_trials(context: SweepContext, trial_id: Optional[str] = None) -> int:
-    """End every child run still RUNNING (its process died) KILLED; return the next attempt number
-    of `trial_id`."""
+def mark_cut_off_trials(client: MlflowClient, experiment_id: str, parent_run_id: str) -> int:
+    """End every child run still RUNNING (its process died) KILLED, with the reason; return how many."""
+    cut = [run for run in trial_runs(client, experiment_id, parent_run_id) if run.info.status == "RUNNING"]
+    for run in cut:
+        client.set_tag(run.info.run_id, "failure_reason", "cut off: the sweep stopped before this trial "
+                       "ended; a resumed sweep runs the trial again as a new attempt")
+        client.set_terminated(run.info.run_id, "KILLED")
+    return len(cut)
+
+
+def trial_attempts(context: SweepContext, trial_id: str) -> list:
+    """The child runs of trial `trial_id` so far, oldest first."""
     client = MlflowClient(mlflow.get_tracking_uri())
-    attempts = 0
-    for run in trial_runs(client, context.experiment_id, context.parent_run_id):
-        if run.data.tags.get("lenet_sweep.trial_id") == trial_id:
-            attempts += 1
-        if run.info.status == "RUNNING":
-            client.set_tag(run.info.run_id, "failure_reason",
-                           "cut off: the sweep stopped before this trial ended; a resumed sweep "
-                           "runs the trial again as a new attempt")
-            client.set_terminated(run.info.run_id, "KILLED")
-    return attempts + 1
+    return [run for run in trial_runs(client, context.experiment_id, context.parent_run_id)
+            if run.data.tags.get("lenet_sweep.trial_id") == trial_id]
+
+
+def recorded_history(context: SweepContext, trial_id: str) -> list[dict[str, float]]:
+    """The per-epoch rows a trial logged (its `history.csv`, inherited epochs included); [] if none."""
+    client = MlflowClient(mlflow.get_tracking_uri())
+    finished = [run for run in trial_attempts(context, trial_id) if run.info.status == "FINISHED"]
+    if not finished:
+        return []
+    run = finished[-1]
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            text = Path(client.download_artifacts(run.info.run_id, "history.csv", tmp)).read_text()
+        except (OSError, mlflow.exceptions.MlflowException):
+            return []
+    rows = []
+    for row in csv.DictReader(io.StringIO(text)):
+        rows.append({k: float(v) for k, v in row.items() if k != "epoch" and v not in ("", None)})
+    return rows
 
 
 def one_line(text: str, limit: int = 300) -> str:
@@ -480,9 +522,14 @@ def state_fingerprint(cfg: DictConfig) -> dict[str, Any]:
                     "tuner": tuner, "sweep": {"early_stopping_patience": cfg.sweep.early_stopping_patience}})
 
 
+def state_dir(cfg: DictConfig) -> Path:
+    """KerasTuner's project folder of the sweep: `<sweep.dir>/<sweep.name>`, absolute."""
+    return (Path(cfg.sweep.dir).expanduser() / cfg.sweep.name).resolve()
+
+
 def check_state(cfg: DictConfig) -> tuple[Path, bool]:
     """(project folder, whether a saved sweep is resumed); refuses to resume a different sweep."""
-    project = Path(cfg.sweep.dir).expanduser() / cfg.sweep.name
+    project = state_dir(cfg)
     state = project / STATE_FILE
     if cfg.sweep.overwrite or not (project / "oracle.json").exists():
         return project, False
@@ -507,6 +554,7 @@ class SweepResult:
     rows: list[dict[str, Any]]      # one per trial (latest attempt), best first
     seconds: float
     resumed: bool
+    stopped_because: str = ""       # why the sweep stopped before its tuner was done ("" if it was)
 
 
 def run_sweep(cfg: DictConfig, optimizers: Mapping[str, DictConfig],
@@ -525,31 +573,45 @@ def run_sweep(cfg: DictConfig, optimizers: Mapping[str, DictConfig],
     first = data.at(cfg.model.input_size)  # fails on bad data before anything is recorded
     experiment = open_store(cfg.mlflow)
     client = MlflowClient(mlflow.get_tracking_uri())
-    previous = None if cfg.sweep.overwrite or not resumed else find_sweep_run(client, experiment,
-                                                                             cfg.sweep.name)
+    latest = find_sweep_run(client, experiment, cfg.sweep.name, project)
+    previous = latest if resumed else None
+    if latest is not None and previous is None and latest.info.status == "RUNNING":
+        # Starting afresh over a sweep whose process died: close what it left open.
+        mark_cut_off_trials(client, experiment, latest.info.run_id)
+        client.set_tag(latest.info.run_id, "failure_reason", "cut off, then started afresh "
+                       "(sweep.overwrite=true or its state folder was gone)")
+        client.set_terminated(latest.info.run_id, "KILLED")
     started = time.perf_counter()
+    context = SweepContext(experiment, "", cfg.sweep.name, cfg.sweep.early_stopping_patience, print_fn,
+                           started, cfg.sweep.time_limit_minutes, cfg.tuner.max_consecutive_failed_trials)
+    hypermodel = LeNetHyperModel(cfg, space, optimizers, data, len(first.splits.classes))
+    try:  # KerasTuner checks the space as it builds the first model; with overwrite it clears the state
+        tuner = make_tuner(cfg, hypermodel, context)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"KerasTuner refuses search={cfg.search.name}: {one_line(str(err))}") from None
     with tracked_run(experiment_id=experiment, run_id=previous.info.run_id if previous else None,
                      run_name=None if previous else f"sweep-{cfg.sweep.name}",
                      tags={"lenet_sweep.kind": "sweep", "lenet_sweep.sweep": cfg.sweep.name,
                            "tuner": cfg.tuner.kind, "search": cfg.search.name}) as parent:
-        parent_id = parent.info.run_id
-        context = SweepContext(experiment, parent_id, cfg.sweep.name, cfg.sweep.early_stopping_patience,
-                               print_fn, started, cfg.sweep.time_limit_minutes)
+        parent_id = context.parent_run_id = parent.info.run_id
         if previous:
-            mark_cut_off_trials(context)
+            mark_cut_off_trials(client, experiment, parent_id)
+            for tag in ("failure_reason", "stopped_because"):  # from the session this one continues
+                if tag in previous.data.tags:
+                    client.delete_tag(parent_id, tag)
             if print_fn:
                 print_fn(f"resuming sweep {cfg.sweep.name!r} from {project} (MLflow run {parent_id})")
         else:
             _log_sweep_inputs(cfg, space, project)
-        hypermodel = LeNetHyperModel(cfg, space, optimizers, data, len(first.splits.classes))
-        tuner = make_tuner(cfg, hypermodel, context)
         project.mkdir(parents=True, exist_ok=True)  # KerasTuner creates it at its first save
         (project / STATE_FILE).write_text(json.dumps(state_fingerprint(cfg), indent=1))
         tuner.search(verbose=0)
         seconds = time.perf_counter() - started
         rows = summarise(client, experiment, parent_id, space, cfg.tuner.kind)
         _log_summary(rows, space, seconds)
-    return SweepResult(parent_id, rows, seconds, bool(previous))
+        if context.stopped_because:
+            mlflow.set_tag("stopped_because", context.stopped_because)
+    return SweepResult(parent_id, rows, seconds, bool(previous), context.stopped_because)
 
 
 def _log_sweep_inputs(cfg: DictConfig, space: Mapping[str, Any], project: Path) -> None:
@@ -663,6 +725,8 @@ def run(cfg: DictConfig, overrides: list[str]) -> SweepResult:
     print(f"sweep {cfg.sweep.name!r}: {len(result.rows)} trials ({len(finished)} finished) in "
           f"{_clock(result.seconds)}; MLflow parent run {result.parent_run_id} "
           f"in {mlflow.get_tracking_uri()}")
+    if result.stopped_because:
+        print(f"stopped early: {result.stopped_because}")
     trial_seconds = sum(r["trial_seconds"] or 0 for r in result.rows)
     if trial_seconds:
         tracking = sum(r["tracking_seconds"] or 0 for r in result.rows)

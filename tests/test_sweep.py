@@ -83,12 +83,15 @@ def test_each_value_lands_at_its_config_key_and_builds_through_the_model_builder
      "optimizer.beta_1.* is not a config key of optimizer=sgd"),
     (["+search.space.few={key: model.dropout, type: int, min: 3, max: 1}"], "needs `min` <= `max`"),
     (["tuner.kind=grid"], "tuner.kind='grid'"),
+    (["search.space.dropout.values=[0,0.25]"], "KerasTuner refuses search=default"),  # int and float
+    (["search.space.adam_learning_rate.sampling=cubic"], "KerasTuner refuses search=default"),
+    (["+search.space.dropout.typo=1"], "search.space.dropout: Key 'typo' not in 'HyperParameterSpec'"),
 ])
 def test_a_bad_search_space_is_refused_before_anything_runs(bad, message, folder, tmp_path, store):
-    cfg, optimizers = compose_sweep(overrides(folder, tmp_path, store, *bad))
     with pytest.raises(UserError, match=message):
-        sweep.run_sweep(cfg, optimizers)
-    assert not runs_of(store, "sweep") and not (tmp_path / "state").exists()
+        sweep.run_sweep(*compose_sweep(overrides(folder, tmp_path, store, *bad)))
+    # nothing recorded, nothing to resume
+    assert not runs_of(store, "sweep") and not (tmp_path / "state" / "t" / "oracle.json").exists()
 
 
 # ---- a tracked sweep ---------------------------------------------------------------------------
@@ -264,3 +267,46 @@ def test_the_time_limit_stops_new_trials_and_a_rerun_goes_on(folder, tmp_path, s
     assert len(first.rows) == 1 and any("time_limit_minutes=0.0001 reached" in line for line in lines)
     second = sweep.run_sweep(*compose_sweep(base))
     assert second.resumed and len(second.rows) == 2 and len(runs_of(store, "trial")) == 2
+
+
+def test_too_many_failures_in_a_row_stop_the_sweep_cleanly(folder, tmp_path, store):
+    cfg, _ = compose_sweep(overrides(folder, tmp_path, store, "tuner=random", "tuner.max_trials=5",
+                                     "tuner.max_consecutive_failed_trials=2"))
+    # every trial fails as it starts to train (the model builds, the batches cannot)
+    cfg.search.space = {"batch_size": {"key": "train.batch_size", "type": "choice", "values": [0, -1, -2]},
+                        "epochs": {"key": "train.epochs", "type": "choice", "values": [1]}}
+    result = sweep.run_sweep(cfg, {})
+    assert "2 trials in a row failed" in result.stopped_because
+    assert [r["status"] for r in result.rows] == ["FAILED", "FAILED"]
+    (parent,) = runs_of(store, "sweep")
+    assert parent.info.status == "FINISHED" and "in a row" in parent.data.tags["stopped_because"]
+
+
+def test_bayesian_search_with_two_executions_per_trial(folder, tmp_path, store):
+    cfg, _ = compose_sweep(overrides(folder, tmp_path, store, "tuner=bayesian", "tuner.max_trials=2",
+                                     "tuner.executions_per_trial=2", "tuner.num_initial_points=1"))
+    cfg.search.space = {"dense_1": {"key": "model.dense.0", "type": "choice", "values": [8, 16]},
+                        "epochs": {"key": "train.epochs", "type": "choice", "values": [2]}}
+    result = sweep.run_sweep(cfg, {})
+    assert [r["status"] for r in result.rows] == ["FINISHED", "FINISHED"]
+    client = MlflowClient(store)
+    for child in runs_of(store, "trial"):
+        first = [m.value for m in client.get_metric_history(child.info.run_id, "val_accuracy")]
+        second = [m.value for m in client.get_metric_history(child.info.run_id, "execution1.val_accuracy")]
+        assert len(first) == len(second) == 2
+        assert child.data.metrics["best_val_accuracy"] == pytest.approx((max(first) + max(second)) / 2)
+
+
+def test_a_hyperband_trial_promoted_after_a_resume_keeps_its_earlier_epochs(folder, tmp_path, store):
+    base = overrides(folder, tmp_path, store, "tuner.max_epochs=3", "sweep.early_stopping_patience=null")
+    sweep.run_sweep(*compose_sweep([*base, "tuner.max_trials=3"]))  # bracket 1, round 0: 1 epoch each
+    result = sweep.run_sweep(*compose_sweep([*base, "tuner.max_trials=4"]))  # round 1: the best, to 3
+    client = MlflowClient(store)
+    (promoted,) = [c for c in runs_of(store, "trial") if "lenet_sweep.continues_trial" in c.data.tags]
+    assert promoted.data.params["tuner/initial_epoch"] == "1" and promoted.data.params["tuner/epochs"] == "3"
+    steps = [m.step for m in client.get_metric_history(promoted.info.run_id, "val_accuracy")]
+    assert steps == [2, 3]  # its own epochs; epoch 1 was its parent trial's
+    text = Path(client.download_artifacts(promoted.info.run_id, "history.csv", str(tmp_path))).read_text()
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"] and rows[0]["val_accuracy"]  # read back from MLflow
+    assert len(result.rows) == 4
