@@ -173,7 +173,7 @@ class TunerConfig:
     kind: str = "hyperband"
     max_trials: Optional[int] = None
     executions_per_trial: int = 1
-    seed: int = 0
+    seed: int = 1
     max_consecutive_failed_trials: int = 3
     max_epochs: int = 25
     factor: int = 3

@@ -565,6 +565,15 @@ def run_sweep(cfg: DictConfig, optimizers: Mapping[str, DictConfig],
     check(cfg)
     if cfg.tuner.kind not in ("random", "bayesian", "hyperband"):
         raise UserError(f"tuner.kind={cfg.tuner.kind!r}: choose random, bayesian or hyperband")
+    if cfg.tuner.seed < 1:  # KerasTuner's oracles take a seed of 0 as "none" and draw a random one
+        raise UserError(f"tuner.seed={cfg.tuner.seed}: use 1 or more (KerasTuner reads 0 as unseeded)")
+    limits = {"tuner.executions_per_trial": (cfg.tuner.executions_per_trial, 1),
+              "tuner.max_consecutive_failed_trials": (cfg.tuner.max_consecutive_failed_trials, 1),
+              "tuner.max_epochs": (cfg.tuner.max_epochs, 1), "tuner.factor": (cfg.tuner.factor, 2),
+              "tuner.max_trials": (cfg.tuner.max_trials or 1, 1)}
+    for knob, (value, least) in limits.items():
+        if value < least:
+            raise UserError(f"{knob}={value}: must be at least {least}")
     space = active_space(cfg, optimizers)
     project, resumed = check_state(cfg)
     if cfg.train.deterministic:

@@ -83,6 +83,8 @@ def test_each_value_lands_at_its_config_key_and_builds_through_the_model_builder
      "optimizer.beta_1.* is not a config key of optimizer=sgd"),
     (["+search.space.few={key: model.dropout, type: int, min: 3, max: 1}"], "needs `min` <= `max`"),
     (["tuner.kind=grid"], "tuner.kind='grid'"),
+    (["tuner.seed=0"], "KerasTuner reads 0 as unseeded"),
+    (["tuner.factor=1"], "tuner.factor=1: must be at least 2"),
     (["search.space.dropout.values=[0,0.25]"], "KerasTuner refuses search=default"),  # int and float
     (["search.space.adam_learning_rate.sampling=cubic"], "KerasTuner refuses search=default"),
     (["+search.space.dropout.typo=1"], "search.space.dropout: Key 'typo' not in 'HyperParameterSpec'"),
@@ -310,3 +312,13 @@ def test_a_hyperband_trial_promoted_after_a_resume_keeps_its_earlier_epochs(fold
     rows = list(csv.DictReader(io.StringIO(text)))
     assert [r["epoch"] for r in rows] == ["1", "2", "3"] and rows[0]["val_accuracy"]  # read back from MLflow
     assert len(result.rows) == 4
+
+
+def test_the_same_seeds_give_the_same_trials_and_scores(folder, tmp_path, store):
+    results = []
+    for name in ("a", "b"):
+        result = sweep.run_sweep(*compose_sweep(overrides(folder, tmp_path, store, "tuner.max_trials=3",
+                                                          name=name)))
+        results.append([(r["trial"], {k: r[k] for k in sweep.typed_space(compose_sweep([])[0]) if k in r},
+                         r["val_accuracy"], r["val_loss"]) for r in result.rows])
+    assert results[0] == results[1]
