@@ -34,7 +34,15 @@ from lenet_sweep.cli import guarded
 from lenet_sweep.config import HyperParameterSpec, check, register_configs
 from lenet_sweep.errors import UserError
 from lenet_sweep.tracking import MlflowEpochLogger, flatten, redact, tracked_run
-from lenet_sweep.train import PreparedData, _csv, _log_figure, compile_model, open_store, prepare_data
+from lenet_sweep.train import (
+    PreparedData,
+    _clock,
+    _csv,
+    _log_figure,
+    compile_model,
+    open_store,
+    prepare_data,
+)
 
 Progress = Callable[[str], None]
 OBJECTIVE = "val_accuracy"  # what trials are ranked by: validation, never test
@@ -92,6 +100,8 @@ def active_space(cfg: DictConfig, optimizers: Mapping[str, DictConfig]) -> dict[
                 if OmegaConf.select(target, spec.key, default=_UNSET) is _UNSET:
                     raise UserError(f"{where}.key={spec.key!r} is not a config key{label} (e.g. "
                                     "model.dropout, model.filters.0, optimizer.learning_rate)")
+        if len(spec.when or {}) > 1:
+            raise UserError(f"{where}.when: one parent per dimension (KerasTuner's conditional_scope)")
         for parent in (spec.when or {}):
             if parent not in seen:
                 raise UserError(f"{where}.when names {parent!r}: it must be a dimension listed above it")
@@ -130,9 +140,7 @@ def hyperparameter_values(hp: kt.HyperParameters, space: Mapping[str, Any]) -> d
     values: dict[str, Any] = {}
     for name, spec in space.items():
         if spec.when:
-            (parent, allowed), *more = spec.when.items()
-            if more:
-                raise UserError(f"search.space.{name}.when: one parent per dimension (KerasTuner)")
+            ((parent, allowed),) = spec.when.items()  # one parent: checked by active_space
             with hp.conditional_scope(parent, list(allowed)):
                 value = _define(hp, name, spec)
         else:
@@ -499,11 +507,6 @@ def describe(values: Mapping[str, Any]) -> str:
 
 def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 # ---- state folder ------------------------------------------------------------------------------
