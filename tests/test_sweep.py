@@ -322,3 +322,31 @@ def test_the_same_seeds_give_the_same_trials_and_scores(folder, tmp_path, store)
         results.append([(r["trial"], {k: r[k] for k in sweep.typed_space(compose_sweep([])[0]) if k in r},
                          r["val_accuracy"], r["val_loss"]) for r in result.rows])
     assert results[0] == results[1]
+
+
+def test_a_trial_finished_but_unsaved_at_a_kill_is_not_trained_or_logged_again(folder, tmp_path, store,
+                                                                             monkeypatch):
+    cfg, optimizers = compose_sweep(overrides(folder, tmp_path, store, "tuner.max_trials=2"))
+    real_end = sweep.TrialTracking.on_trial_end
+
+    def killed_before_saving(self, trial):
+        raise KeyboardInterrupt("killed between MLflow's FINISHED and KerasTuner's save")
+
+    monkeypatch.setattr(sweep.TrialTracking, "on_trial_end", killed_before_saving)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(cfg, optimizers)
+    assert [c.info.status for c in runs_of(store, "trial")] == ["FINISHED"]
+
+    monkeypatch.setattr(sweep.TrialTracking, "on_trial_end", real_end)
+    fits = []
+    real_fit = sweep.LeNetHyperModel.fit
+
+    def counted_fit(self, *args, **kwargs):
+        fits.append(1)
+        return real_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(sweep.LeNetHyperModel, "fit", counted_fit)
+    result = sweep.run_sweep(cfg, optimizers)
+    assert len(fits) == 1  # only the second trial trains; the first is taken from its MLflow run
+    assert sorted(c.data.tags["lenet_sweep.trial_id"] for c in runs_of(store, "trial")) == ["0", "1"]
+    assert [r["status"] for r in result.rows] == ["FINISHED", "FINISHED"]
