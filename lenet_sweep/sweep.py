@@ -33,7 +33,7 @@ from lenet_sweep import plots
 from lenet_sweep.cli import guarded
 from lenet_sweep.config import HyperParameterSpec, check, register_configs
 from lenet_sweep.errors import UserError
-from lenet_sweep.tracking import MlflowEpochLogger, flatten, redact, tracked_run
+from lenet_sweep.tracking import MlflowEpochLogger, end_killed, flatten, loggable_config, tracked_run
 from lenet_sweep.train import (
     PreparedData,
     _clock,
@@ -417,8 +417,7 @@ def make_tuner(cfg: DictConfig, hypermodel: LeNetHyperModel, context: SweepConte
 def trial_params(cfg: DictConfig, hp: kt.HyperParameters, space: Mapping[str, Any]) -> dict[str, Any]:
     """A trial's params: each dimension under its own name, KerasTuner's `tuner/*` values, and the
     whole trial config under its config keys (model.filters, optimizer.learning_rate, ...)."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved["mlflow"]["tracking_uri"] = redact(resolved["mlflow"]["tracking_uri"])
+    resolved = loggable_config(cfg)
     trial = {k: resolved[k] for k in ("data", "model", "optimizer", "train", "seed")}
     return (flatten(trial) | hyperparameter_values(hp, space)
             | {k: v for k, v in hp.values.items() if k.startswith("tuner/")})
@@ -459,9 +458,8 @@ def mark_cut_off_trials(client: MlflowClient, experiment_id: str, parent_run_id:
     """End every child run still RUNNING (its process died) KILLED, with the reason; return how many."""
     cut = [run for run in trial_runs(client, experiment_id, parent_run_id) if run.info.status == "RUNNING"]
     for run in cut:
-        client.set_tag(run.info.run_id, "failure_reason", "cut off: the sweep stopped before this trial "
-                       "ended; a resumed sweep runs the trial again as a new attempt")
-        client.set_terminated(run.info.run_id, "KILLED")
+        end_killed(client, run.info.run_id, "cut off: the sweep stopped before this trial ended; a resumed "
+                   "sweep runs the trial again as a new attempt")
     return len(cut)
 
 
@@ -590,9 +588,8 @@ def run_sweep(cfg: DictConfig, optimizers: Mapping[str, DictConfig],
     if latest is not None and previous is None and latest.info.status == "RUNNING":
         # Starting afresh over a sweep whose process died: close what it left open.
         mark_cut_off_trials(client, experiment, latest.info.run_id)
-        client.set_tag(latest.info.run_id, "failure_reason", "cut off, then started afresh "
-                       "(sweep.overwrite=true or its state folder was gone)")
-        client.set_terminated(latest.info.run_id, "KILLED")
+        end_killed(client, latest.info.run_id, "cut off, then started afresh (sweep.overwrite=true or "
+                   "its state folder was gone)")
     started = time.perf_counter()
     context = SweepContext(experiment, "", cfg.sweep.name, cfg.sweep.early_stopping_patience, print_fn,
                            started, cfg.sweep.time_limit_minutes, cfg.tuner.max_consecutive_failed_trials)
@@ -627,8 +624,7 @@ def run_sweep(cfg: DictConfig, optimizers: Mapping[str, DictConfig],
 
 
 def _log_sweep_inputs(cfg: DictConfig, space: Mapping[str, Any], project: Path) -> None:
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved["mlflow"]["tracking_uri"] = redact(resolved["mlflow"]["tracking_uri"])
+    resolved = loggable_config(cfg)
     params = flatten({k: v for k, v in resolved.items() if k != "search"})
     params["sweep.state_dir"] = str(project.resolve())
     params["search.dimensions"] = ",".join(space)
@@ -680,6 +676,7 @@ def _log_summary(rows: list[dict[str, Any]], space: Mapping[str, Any], seconds: 
              for i, r in enumerate(rows)]
     mlflow.log_text(_csv(table, header), "sweep/ranking.csv")
     ok = [r for r in rows if r["status"] == "FINISHED"]
+    tracking, trials = tracking_seconds(rows)
     if ok:
         _log_figure(plots.score_by_value(ok, names, "val_accuracy", "validation accuracy per hyperparameter"),
                     "sweep/val_accuracy_vs_hyperparameters.png")
@@ -688,13 +685,16 @@ def _log_summary(rows: list[dict[str, Any]], space: Mapping[str, Any], seconds: 
             groups.setdefault(str(r["output_activation"]), []).append(r["val_accuracy"])
         _log_figure(plots.groups_side_by_side(groups, "val_accuracy", "output activation: relu vs softmax"),
                     "sweep/relu_vs_softmax.png")
-    trial_total = sum(r["trial_seconds"] or 0 for r in rows)
-    tracking_total = sum(r["tracking_seconds"] or 0 for r in rows)
     mlflow.log_metrics({"trials": len(rows), "trials_finished": len(ok),
                         "trials_failed": sum(r["status"] == "FAILED" for r in rows),
                         "best_val_accuracy": ok[0]["val_accuracy"] if ok else float("nan"),
                         "sweep_seconds": seconds,
-                        "tracking_overhead": tracking_total / trial_total if trial_total else 0.0})
+                        "tracking_overhead": tracking / trials if trials else 0.0})
+
+
+def tracking_seconds(rows: list[dict[str, Any]]) -> tuple[float, float]:
+    """(seconds spent logging to MLflow, wall seconds) summed over the trials."""
+    return (sum(r["tracking_seconds"] or 0 for r in rows), sum(r["trial_seconds"] or 0 for r in rows))
 
 
 def format_top(rows: list[dict[str, Any]], space: Mapping[str, Any], n: int) -> str:
@@ -739,9 +739,8 @@ def run(cfg: DictConfig, overrides: list[str]) -> SweepResult:
           f"in {mlflow.get_tracking_uri()}")
     if result.stopped_because:
         print(f"stopped early: {result.stopped_because}")
-    trial_seconds = sum(r["trial_seconds"] or 0 for r in result.rows)
+    tracking, trial_seconds = tracking_seconds(result.rows)
     if trial_seconds:
-        tracking = sum(r["tracking_seconds"] or 0 for r in result.rows)
         print(f"MLflow logging took {tracking:.1f}s of {trial_seconds:.0f}s in trials "
               f"({100 * tracking / trial_seconds:.1f}%)")
     print("top trials by validation accuracy (test split untouched):")

@@ -64,6 +64,21 @@ def redact(uri: Optional[str]) -> Optional[str]:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
+def loggable_config(cfg) -> dict[str, Any]:
+    """The resolved config as a plain dict, with any password in `mlflow.tracking_uri` redacted."""
+    from omegaconf import OmegaConf
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved["mlflow"]["tracking_uri"] = redact(resolved["mlflow"]["tracking_uri"])
+    return resolved
+
+
+def end_killed(client: MlflowClient, run_id: str, reason: str) -> None:
+    """End a run its process can no longer end (it died) KILLED, saying why."""
+    client.set_tag(run_id, "failure_reason", reason)
+    client.set_terminated(run_id, "KILLED")
+
+
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested config -> {"model.filters": [6, 16], ...}, the form MLflow params take."""
     flat: dict[str, Any] = {}

@@ -34,8 +34,8 @@ from lenet_sweep.tracking import (
     MlflowEpochLogger,
     experiment_id,
     flatten,
+    loggable_config,
     package_versions,
-    redact,
     resolve_store,
     tracked_run,
 )
@@ -189,8 +189,7 @@ def train_and_log(cfg: DictConfig, prepared: PreparedData, experiment: str,
 
     model = compile_model(cfg, num_classes)
 
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved["mlflow"]["tracking_uri"] = redact(resolved["mlflow"]["tracking_uri"])  # no passwords logged
+    resolved = loggable_config(cfg)
     config_yaml = OmegaConf.to_yaml(resolved)
     params = flatten(resolved)
     params.update({"data.resolved_root": str(prepared.splits.root), "data.num_classes": num_classes,
