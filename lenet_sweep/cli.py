@@ -28,3 +28,28 @@ def guarded(work: Callable[[], T]) -> T:
         sys.exit(f"error: {err}")
     except KeyboardInterrupt:
         sys.exit("interrupted: the MLflow run(s) in progress are marked KILLED; what was logged is kept")
+
+
+def _quoted(value: str) -> str:
+    """`value` as a Hydra quoted string: any character allowed, quotes and a trailing backslash escaped."""
+    escaped = value.replace("\\'", "\\\\'").replace("'", "\\'")
+    if escaped.endswith("\\") and not escaped.endswith("\\\\"):
+        escaped += "\\"
+    return f"'{escaped}'"
+
+
+def quote_path_overrides(keys: tuple[str, ...] = (), list_keys: tuple[str, ...] = ()) -> None:
+    """Let paths with spaces, brackets, quotes or commas through Hydra's override grammar, as typed.
+
+    `key=/my photos/cat (1).jpg` becomes `key='/my photos/cat (1).jpg'`; for `list_keys`,
+    `images=a.jpg,b.jpg` (a sweep to Hydra) becomes the list `images=['a.jpg','b.jpg']`. Values already
+    quoted or written as lists are left as they are. Rewrites sys.argv before Hydra reads it.
+    """
+    for i, arg in enumerate(sys.argv[1:], start=1):
+        key, sep, value = arg.partition("=")
+        if not sep or not value or value[0] in "'\"" or (value[0] == "[" and value[-1] == "]"):
+            continue
+        if key in list_keys:
+            sys.argv[i] = f"{key}=[{','.join(_quoted(v) for v in value.split(',') if v)}]"
+        elif key in keys:
+            sys.argv[i] = f"{key}={_quoted(value)}"

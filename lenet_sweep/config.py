@@ -20,6 +20,7 @@ class DataConfig:
     checksum: Optional[str] = None
     cache_dir: Optional[str] = None
     test_fraction: float = 0.2
+    split_seed: Optional[int] = None
     limit_per_class: Optional[int] = None
     interpolation: str = "bilinear"
     antialias: bool = False
@@ -200,6 +201,47 @@ class SweepConfig(TrainConfig):
     sweep: SweepSettings = field(default_factory=SweepSettings)
 
 
+@dataclass
+class SweepRef:
+    name: str = "default"
+
+
+@dataclass
+class BestSettings:
+    top_k: int = 3
+    seeds: int = 3
+    first_seed: int = 1000
+
+
+@dataclass
+class ExportSettings:
+    dir: Optional[str] = None
+    overwrite: bool = False
+    registered_model: Optional[str] = "lenet_sweep-best"
+    alias: Optional[str] = "champion"
+
+
+@dataclass
+class BestConfig(ReproduceConfig):
+    sweep: SweepRef = field(default_factory=SweepRef)
+    best: BestSettings = field(default_factory=BestSettings)
+    export: ExportSettings = field(default_factory=ExportSettings)
+
+
+@dataclass
+class PredictSettings:
+    top_k: int = 3
+    output: Optional[str] = None
+    batch_size: int = 32
+
+
+@dataclass
+class PredictConfig:
+    export: ExportSettings = field(default_factory=ExportSettings)
+    images: List[str] = field(default_factory=list)
+    predict: PredictSettings = field(default_factory=PredictSettings)
+
+
 def register_configs() -> None:
     """Register the schemas under the names the YAML defaults lists use."""
     cs = ConfigStore.instance()
@@ -209,6 +251,8 @@ def register_configs() -> None:
     cs.store(group="schema", name="reproduce", node=ReproduceConfig)
     cs.store(group="schema", name="bench", node=BenchConfig)
     cs.store(group="schema", name="sweep", node=SweepConfig)
+    cs.store(group="schema", name="best", node=BestConfig)
+    cs.store(group="schema", name="predict", node=PredictConfig)
 
 
 def check(cfg: Any) -> None:

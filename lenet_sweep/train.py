@@ -23,7 +23,7 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from lenet_sweep import cache
+from lenet_sweep import cache, export
 from lenet_sweep import data as D
 from lenet_sweep import plots
 from lenet_sweep.cli import guarded
@@ -36,6 +36,7 @@ from lenet_sweep.tracking import (
     flatten,
     loggable_config,
     package_versions,
+    redact,
     resolve_store,
     tracked_run,
 )
@@ -64,23 +65,28 @@ class PreparedData:
 class RunResult:
     run_id: str
     history: list[dict[str, float]]
-    test_loss: float
-    test_accuracy: float
+    test_loss: Optional[float]         # None: the run did not touch the test split
+    test_accuracy: Optional[float]
     turning_point_epoch: int
-    confusion: np.ndarray
+    confusion: Optional[np.ndarray]
     seconds: float
     diverged: bool = False
+    model: Optional[keras.Model] = None
 
 
 def prepare_data(data_cfg: DictConfig, image_size: int, seed: int,
                  progress: Optional[Progress] = None, splits: Sequence[str] = D.SPLITS) -> PreparedData:
-    """List, split and decode the data named by `data_cfg` at `image_size` pixels (only `splits`)."""
+    """List, split and decode the data named by `data_cfg` at `image_size` pixels (only `splits`).
+
+    `seed` splits val/ into validation and test unless `data_cfg.split_seed` is set.
+    """
     root = data_cfg.root
     if not root:
         if progress:
             progress(f"data.root is not set: fetching {data_cfg.url}")
         root = D.download_imagenette(data_cfg.url, data_cfg.checksum, data_cfg.cache_dir)
-    listed = D.find_splits(root, seed, data_cfg.test_fraction, data_cfg.limit_per_class)
+    split_seed = seed if data_cfg.split_seed is None else data_cfg.split_seed
+    listed = D.find_splits(root, split_seed, data_cfg.test_fraction, data_cfg.limit_per_class)
     decoded = {}
     for split in splits:
         files = listed.files[split]
@@ -171,9 +177,15 @@ def compile_model(cfg: DictConfig, num_classes: int) -> keras.Model:
 
 def train_and_log(cfg: DictConfig, prepared: PreparedData, experiment: str,
                   parent_run_id: Optional[str] = None, run_name: Optional[str] = None,
-                  print_fn: Optional[Progress] = None) -> RunResult:
+                  print_fn: Optional[Progress] = None, test: bool = True,
+                  callbacks: Sequence[keras.callbacks.Callback] = (),
+                  tags: Optional[dict[str, Any]] = None) -> RunResult:
     """Train `cfg.model` on `prepared`, evaluate it on test once, and record it all as one MLflow run
-    in `experiment` of the store `mlflow.set_tracking_uri` names (see `open_store`)."""
+    in `experiment` of the store `mlflow.set_tracking_uri` names (see `open_store`).
+
+    `test=False` leaves the test split alone (model selection: `prepared` then needs no test split);
+    `callbacks` join the run's own after its MLflow logger; `tags` join the run's tags.
+    """
     import tensorflow as tf
 
     check(cfg)
@@ -185,7 +197,6 @@ def train_and_log(cfg: DictConfig, prepared: PreparedData, experiment: str,
     num_classes = len(prepared.splits.classes)
     train_ds = D.make_dataset(dec["train"], cfg.train.batch_size, shuffle=True, seed=cfg.seed)
     val_ds = D.make_dataset(dec["val"], cfg.train.batch_size, shuffle=False)
-    test_ds = D.make_dataset(dec["test"], cfg.train.batch_size, shuffle=False)
 
     model = compile_model(cfg, num_classes)
 
@@ -198,7 +209,7 @@ def train_and_log(cfg: DictConfig, prepared: PreparedData, experiment: str,
                    "env.TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "")})
     with tracked_run(experiment_id=experiment, run_name=run_name, parent_run_id=parent_run_id,
                      nested=parent_run_id is not None,
-                     tags={"lenet_sweep.kind": "train", "model": cfg.model.name}) as run:
+                     tags={"lenet_sweep.kind": "train", "model": cfg.model.name, **(tags or {})}) as run:
         run_id = run.info.run_id
         mlflow.log_params(params)
         mlflow.log_metrics({f"n_{split}": len(d.labels) for split, d in dec.items()}
@@ -206,33 +217,42 @@ def train_and_log(cfg: DictConfig, prepared: PreparedData, experiment: str,
         _log_inputs(cfg, config_yaml, prepared)
 
         logger = MlflowEpochLogger(MlflowClient(mlflow.get_tracking_uri()), run_id)
-        callbacks: list[keras.callbacks.Callback] = [logger, keras.callbacks.TerminateOnNaN()]
+        run_callbacks = [logger, keras.callbacks.TerminateOnNaN(), *callbacks]
         if print_fn:
-            callbacks.append(ProgressPrinter(print_fn, cfg.train.epochs, logger))
+            run_callbacks.append(ProgressPrinter(print_fn, cfg.train.epochs, logger))
         verbose = _keras_verbose(cfg.train.keras_verbose)
         started = time.perf_counter()
         # shuffle=False: train_ds already reshuffles every epoch with the run's seed.
-        model.fit(train_ds, validation_data=val_ds, epochs=cfg.train.epochs, callbacks=callbacks,
+        model.fit(train_ds, validation_data=val_ds, epochs=cfg.train.epochs, callbacks=run_callbacks,
                   verbose=verbose, shuffle=False)
         seconds = time.perf_counter() - started
         history = logger.history
 
-        # The test split, once: loss and accuracy exactly as Keras computes val_loss and val_accuracy.
-        test = model.evaluate(test_ds, verbose=0, return_dict=True)
-        test_loss, test_accuracy = float(test["loss"]), float(test["accuracy"])
-        predicted = np.argmax(model.predict(test_ds, verbose=0), axis=1)
-        confusion = plots.confusion_matrix(dec["test"].labels, predicted, num_classes)
+        test_loss = test_accuracy = confusion = None
+        if test:
+            test_loss, test_accuracy, confusion = evaluate_on_test(model, dec["test"], cfg.train.batch_size,
+                                                                   num_classes)
+            mlflow.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy})
         tp = plots.turning_point(history)
         diverged = any(not math.isfinite(row.get("loss", 0.0)) for row in history)
-        mlflow.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy,
-                            "turning_point_epoch": tp, "train_seconds": seconds,
-                            "epochs_run": len(history)})
+        mlflow.log_metrics({"turning_point_epoch": tp, "train_seconds": seconds, "epochs_run": len(history)})
         _log_outputs(cfg, config_yaml, prepared, model, history, confusion)
         if diverged:
             mlflow.set_tag("failure_reason", f"loss became NaN/inf in epoch {len(history)}; "
                                              "training was stopped (lower optimizer.learning_rate)")
             mlflow.end_run("FAILED")  # the `with` then leaves the ended run as it is
-    return RunResult(run_id, history, test_loss, test_accuracy, tp, confusion, seconds, diverged)
+    return RunResult(run_id, history, test_loss, test_accuracy, tp, confusion, seconds, diverged, model)
+
+
+def evaluate_on_test(model: keras.Model, split: D.DecodedSplit, batch_size: int,
+                     num_classes: int) -> tuple[float, float, np.ndarray]:
+    """(loss, accuracy, confusion matrix) on the test split: loss and accuracy exactly as Keras computes
+    val_loss and val_accuracy."""
+    ds = D.make_dataset(split, batch_size, shuffle=False)
+    result = model.evaluate(ds, verbose=0, return_dict=True)
+    predicted = np.argmax(model.predict(ds, verbose=0), axis=1)
+    return (float(result["loss"]), float(result["accuracy"]),
+            plots.confusion_matrix(split.labels, predicted, num_classes))
 
 
 def _log_inputs(cfg: DictConfig, config_yaml: str, prepared: PreparedData) -> None:
@@ -259,8 +279,9 @@ def _log_inputs(cfg: DictConfig, config_yaml: str, prepared: PreparedData) -> No
 
 
 def _log_outputs(cfg: DictConfig, config_yaml: str, prepared: PreparedData, model: keras.Model,
-                 history: list[dict[str, float]], confusion: np.ndarray) -> None:
-    """The run's outputs: per-epoch table, the study's curves, confusion matrix and the model."""
+                 history: list[dict[str, float]], confusion: Optional[np.ndarray]) -> None:
+    """The run's outputs: per-epoch table, the study's curves, the test confusion matrix (if evaluated)
+    and the model."""
     title = f"{cfg.model.name} ({cfg.optimizer.name})"
     keys = sorted({k for row in history for k in row})
     mlflow.log_text(_csv([[i + 1] + [row.get(k) for k in keys] for i, row in enumerate(history)],
@@ -271,29 +292,44 @@ def _log_outputs(cfg: DictConfig, config_yaml: str, prepared: PreparedData, mode
     _log_figure(plots.curves(history, "accuracy", f"accuracy: {title}"), "plots/accuracy.png")
     _log_figure(plots.val_loss_vs_val_accuracy(history, f"validation: {title}"),
                 "plots/val_loss_vs_val_accuracy.png")
-    _log_figure(plots.confusion_figure(confusion, prepared.names, f"test confusion: {title}"),
-                "plots/confusion_matrix.png")
-    mlflow.log_dict({"classes": prepared.splits.classes, "names": prepared.names,
-                     "matrix": confusion.tolist()}, "evaluation/confusion_matrix.json")
+    if confusion is not None:
+        log_confusion(confusion, prepared.splits.classes, prepared.names, f"test confusion: {title}")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.keras"
         model.save(path)
         mlflow.log_artifact(str(path), "model")
-    mlflow.log_dict({"classes": prepared.splits.classes, "names": prepared.names}, "model/labels.json")
-    mlflow.log_text(config_yaml, "model/config.yaml")
-    mlflow.log_dict({"input_size": cfg.model.input_size, "channels": "RGB", "scale": 1 / 255,
-                     "resize": cfg.data.interpolation, "antialias": cfg.data.antialias},
-                    "model/preprocessing.json")
+    # The same files as an export (lenet_sweep/export.py), so a run's model folder predicts too.
+    mlflow.log_dict(export.labels(prepared.splits.classes, prepared.names), f"model/{export.LABELS}")
+    mlflow.log_text(config_yaml, f"model/{export.CONFIG}")
+    mlflow.log_dict(export.preprocessing(cfg.model.input_size, cfg.data.interpolation, cfg.data.antialias),
+                    f"model/{export.PREPROCESSING}")
 
 
-def open_store(mlflow_cfg: DictConfig) -> str:
-    """Point MLflow at the configured store; return the experiment's id (created if new)."""
+def log_confusion(confusion: np.ndarray, classes: Sequence[str], names: Sequence[str], title: str) -> None:
+    _log_figure(plots.confusion_figure(confusion, names, title), "plots/confusion_matrix.png")
+    mlflow.log_dict({"classes": list(classes), "names": list(names), "matrix": confusion.tolist()},
+                    "evaluation/confusion_matrix.json")
+
+
+def open_store(mlflow_cfg: DictConfig, create: bool = True) -> str:
+    """Point MLflow at the configured store; return the experiment's id (created if new, unless
+    `create` is False: then a missing store or experiment is an error, for commands that read)."""
+    if not create:
+        where = mlflow_cfg.tracking_uri or f"sqlite:///{Path(mlflow_cfg.store_dir).expanduser().resolve()}/mlflow.db"
+        if where.startswith("sqlite:///") and not Path(where[len("sqlite:///"):]).is_file():
+            raise UserError(f"no MLflow store at {where}: give the sweep's mlflow.tracking_uri "
+                            "(or mlflow.store_dir), or run the sweep first")
     uri, artifact_location = resolve_store(mlflow_cfg.tracking_uri, mlflow_cfg.store_dir)
     if urllib.parse.urlsplit(uri).scheme in ("", "file"):
         # MLflow 3 refuses its file store unless asked; a user who names one has asked.
         os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
     mlflow.set_tracking_uri(uri)
-    return experiment_id(MlflowClient(uri), mlflow_cfg.experiment, artifact_location)
+    client = MlflowClient(uri)
+    if not create and client.get_experiment_by_name(mlflow_cfg.experiment) is None:
+        known = ", ".join(e.name for e in client.search_experiments()) or "none"
+        raise UserError(f"no MLflow experiment {mlflow_cfg.experiment!r} in {redact(uri)} (experiments "
+                        f"there: {known}): give the sweep's mlflow.experiment")
+    return experiment_id(client, mlflow_cfg.experiment, artifact_location)
 
 
 def default_run_name(cfg: DictConfig) -> str:

@@ -1,0 +1,577 @@
+"""A sweep's winner, chosen honestly:
+`python -m lenet_sweep.best sweep.name=NAME mlflow.tracking_uri=URI mlflow.experiment=NAME export.dir=DIR`.
+
+Reading order: candidates (the sweep's trials from MLflow, ranked on validation) -> retraining each over
+seeds -> the choice (mean validation accuracy) -> the one test evaluation -> export and registry.
+
+The test split is decoded once, after the choice, for the winner only. Every retraining is an MLflow run
+nested under one `best` run; a cut-off `best` run is resumed by the same command (finished retrainings
+are kept).
+"""
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import tempfile
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import hydra
+import keras
+import mlflow
+import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lenet_sweep import cli, export, sweep
+from lenet_sweep.config import AdamConfig, SGDConfig, TrainConfig, register_configs
+from lenet_sweep.errors import UserError
+from lenet_sweep.tracking import end_killed, loggable_config, package_versions, tracked_run
+from lenet_sweep.train import (
+    PreparedData,
+    _clock,
+    _csv,
+    evaluate_on_test,
+    log_confusion,
+    open_store,
+    prepare_data,
+    train_and_log,
+)
+
+Progress = Callable[[str], None]
+OBJECTIVE = sweep.OBJECTIVE
+CONFIG_GROUPS = ("data", "model", "optimizer", "train")  # what a trial records of its config, with `seed`
+OPTIMIZER_SCHEMAS = {"SGD": SGDConfig, "Adam": AdamConfig}
+# Knobs of the machine that runs `best`, not of the trial: taken from this command's config.
+LOCAL_KNOBS = ("data.decode_cache", "data.decode_threads", "train.keras_verbose")
+
+
+# ---- candidates --------------------------------------------------------------------------------
+
+@dataclass
+class Candidate:
+    """One configuration of the sweep, as its best trial recorded it."""
+
+    rank: int                 # place in the sweep's ranking by validation accuracy (1 = best)
+    trial_id: str
+    run_id: str
+    sweep_val_accuracy: float  # the trial's own score (one seed, best epoch)
+    values: dict[str, Any]    # its hyperparameters
+    config: DictConfig        # its config, ready to train (seed and mlflow set per retraining)
+
+
+def _is_text(path: Sequence[str]) -> bool:
+    """Whether the config field at `path` is a string (so '1e5' or 'True' stay text)."""
+    kind: Any = TrainConfig
+    for part in path:
+        if typing.get_origin(kind) is dict:
+            kind = typing.get_args(kind)[1]
+            continue
+        hints = typing.get_type_hints(kind) if hasattr(kind, "__dataclass_fields__") else {}
+        if part not in hints:
+            return False
+        kind = hints[part]
+        options = [a for a in typing.get_args(kind) if a is not type(None)]
+        if typing.get_origin(kind) is typing.Union and len(options) == 1:
+            kind = options[0]
+    return kind is str
+
+
+def recorded_config(params: Mapping[str, str]) -> DictConfig:
+    """The config a trial trained with, rebuilt from its MLflow params and typed by the schema."""
+    tree: dict[str, Any] = {}
+    for key, text in params.items():
+        path = key.split(".")
+        if key != "seed" and path[0] not in CONFIG_GROUPS:
+            continue  # hyperparameter names and tuner/* values
+        if path[:2] == ["data", "class_names"]:
+            path = path[:2] + [".".join(path[2:])]  # a class folder name may hold dots
+        if text == "None":
+            value: Any = None
+        elif _is_text(path):
+            value = text
+        else:
+            try:
+                value = ast.literal_eval(text)  # params are str(value): 0.001, [32, 64], True
+            except (ValueError, SyntaxError):
+                value = text
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    optimizer = OPTIMIZER_SCHEMAS.get(tree.get("optimizer", {}).get("name"), SGDConfig)
+    schema = TrainConfig(optimizer=optimizer())
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), tree)
+    except OmegaConfBaseException as err:
+        raise UserError(f"a trial's recorded config does not fit this version of lenet_sweep: "
+                        f"{str(err).splitlines()[0]}") from None
+
+
+def find_sweep(client: MlflowClient, experiment_id: str, name: str, experiment: str):
+    """The sweep's latest parent run, or a UserError listing the sweeps there are."""
+    parent = sweep.find_sweep_run(client, experiment_id, name)
+    if parent is None:
+        runs = client.search_runs([experiment_id], "tags.`lenet_sweep.kind` = 'sweep'", max_results=200)
+        known = sorted({r.data.tags.get("lenet_sweep.sweep", "?") for r in runs})
+        raise UserError(f"no sweep named {name!r} in MLflow experiment {experiment!r} (sweeps there: "
+                        f"{', '.join(known) or 'none'}): give sweep.name=NAME of a sweep you ran")
+    return parent
+
+
+def candidates(client: MlflowClient, experiment_id: str, parent, top_k: int) -> list[Candidate]:
+    """The sweep's `top_k` best distinct configurations by validation accuracy (never test).
+
+    Each trial counts with its latest attempt. Under Hyperband one configuration trains as several trials
+    (3, 9, 25 epochs...); it counts once, with its best-scoring trial and that trial's epochs.
+    """
+    dimensions = [d for d in parent.data.params.get("search.dimensions", "").split(",") if d]
+    latest: dict[str, Any] = {}
+    for run in sweep.trial_runs(client, experiment_id, parent.info.run_id):
+        latest[run.data.tags.get("lenet_sweep.trial_id", run.info.run_id)] = run
+    finished = [(trial_id, run) for trial_id, run in latest.items()
+                if run.info.status == "FINISHED" and f"best_{OBJECTIVE}" in run.data.metrics]
+    if not finished:
+        raise UserError(f"sweep {parent.data.tags.get('lenet_sweep.sweep')!r} (MLflow run {parent.info.run_id}) "
+                        f"has no finished trial ({len(latest)} trial(s) recorded): run or resume the sweep first")
+    finished.sort(key=lambda item: (-item[1].data.metrics[f"best_{OBJECTIVE}"], item[0]))
+    chosen: list[Candidate] = []
+    seen: set[str] = set()
+    for rank, (trial_id, run) in enumerate(finished, start=1):
+        values = {d: run.data.params[d] for d in dimensions if d in run.data.params}
+        key = repr(sorted(values.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        chosen.append(Candidate(rank, trial_id, run.info.run_id, run.data.metrics[f"best_{OBJECTIVE}"],
+                                {k: sweep._number(v) for k, v in values.items()},
+                                recorded_config(run.data.params)))
+        if len(chosen) == top_k:
+            break
+    return chosen
+
+
+def retraining_config(candidate: Candidate, cfg: DictConfig, overridden: Sequence[str], seed: int) -> DictConfig:
+    """The candidate's config trained with `seed` on the sweep's split, logged where `cfg` logs, with the
+    command line's data.*/train.* overrides and this machine's local knobs."""
+    trial = OmegaConf.create(OmegaConf.to_container(candidate.config, resolve=True))
+    OmegaConf.set_struct(trial, True)
+    for key in [*LOCAL_KNOBS, *overridden]:
+        OmegaConf.update(trial, key, OmegaConf.select(cfg, key), force_add=False)
+    if trial.data.split_seed is None:  # the sweep split val/ with its own seed: keep that split
+        trial.data.split_seed = candidate.config.seed
+    trial.seed = seed
+    trial.mlflow = OmegaConf.create(OmegaConf.to_container(cfg.mlflow, resolve=True))
+    return trial
+
+
+def overridden_keys(overrides: Sequence[str]) -> list[str]:
+    """The data.* and train.* keys the command line sets (they replace the trials' recorded values)."""
+    keys = [o.key_or_group for o in OverridesParser.create().parse_overrides(list(overrides))]
+    return [k for k in keys if k.split(".")[0] in ("data", "train") and k not in LOCAL_KNOBS]
+
+
+# ---- retraining --------------------------------------------------------------------------------
+
+@dataclass
+class Retraining:
+    candidate: Candidate
+    seed: int
+    run_id: str
+    status: str
+    val_accuracy: float       # at its best epoch (the sweep's score), nan if it failed
+    best_epoch: int
+    seconds: float = 0.0
+    model: Optional[keras.Model] = None  # None when reused from an earlier session (kept in MLflow)
+
+
+def best_epoch(history: list[dict[str, float]]) -> tuple[int, float]:
+    """(1-based epoch, value) of the highest validation accuracy: the first if tied, as KerasTuner."""
+    scores = np.array([row.get(OBJECTIVE, np.nan) for row in history], dtype=float)
+    if not np.isfinite(scores).any():
+        return len(history), float("nan")
+    best = int(np.nanargmax(scores))
+    return best + 1, float(scores[best])
+
+
+def retrain(candidate: Candidate, cfg: DictConfig, prepared: PreparedData, experiment_id: str,
+            best_run_id: str, patience: Optional[int]) -> Retraining:
+    """Train `candidate` once with `cfg.seed`, as a run nested under the `best` run; no test split."""
+    stop = [keras.callbacks.EarlyStopping("val_loss", patience=patience)] if patience else []
+    # Keras 3 restores the best epoch's weights when training ends, stopped early or not; patience past
+    # the last epoch means this one never stops training itself. The run's model is the best-epoch model,
+    # as KerasTuner's checkpoint of a trial is.
+    keep_best = keras.callbacks.EarlyStopping(OBJECTIVE, mode="max", patience=cfg.train.epochs + 1,
+                                              restore_best_weights=True)
+    result = train_and_log(cfg, prepared, experiment_id, parent_run_id=best_run_id,
+                           run_name=f"trial-{candidate.trial_id}-seed{cfg.seed}", test=False,
+                           callbacks=[*stop, keep_best],
+                           tags={"lenet_sweep.kind": "retrain", "lenet_sweep.trial_id": candidate.trial_id,
+                                 "lenet_sweep.seed": cfg.seed, "lenet_sweep.candidate": candidate.rank})
+    epoch, score = best_epoch(result.history)
+    status = "FAILED" if result.diverged else "FINISHED"
+    if not result.diverged:
+        row = result.history[epoch - 1]
+        MlflowClient(mlflow.get_tracking_uri()).log_batch(result.run_id, metrics=[
+            Metric(f"best_{k}", v, int(time.time() * 1000), 0)
+            for k, v in {"val_accuracy": score, "val_loss": row.get("val_loss", float("nan")),
+                         "epoch": epoch}.items()])
+    return Retraining(candidate, cfg.seed, result.run_id, status, score if not result.diverged else float("nan"),
+                      epoch, result.seconds, result.model)
+
+
+def reusable(client: MlflowClient, experiment_id: str, best_run_id: str) -> dict[tuple[str, int], Any]:
+    """Finished retrainings of a cut-off `best` run, by (trial id, seed); runs left RUNNING end KILLED."""
+    done = {}
+    for run in sweep.trial_runs(client, experiment_id, best_run_id):
+        if run.info.status == "RUNNING":
+            end_killed(client, run.info.run_id, "cut off: `best` stopped before this retraining ended; "
+                       "the resumed `best` trains it again")
+        elif run.info.status == "FINISHED" and "best_val_accuracy" in run.data.metrics:
+            done[(run.data.tags["lenet_sweep.trial_id"], int(run.data.tags["lenet_sweep.seed"]))] = run
+    return done
+
+
+def load_run_model(client: MlflowClient, run_id: str) -> keras.Model:
+    """A retraining's model from its MLflow run, loaded without running code from it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = client.download_artifacts(run_id, "model", tmp)
+        return export.load(local).model
+
+
+# ---- the choice --------------------------------------------------------------------------------
+
+@dataclass
+class Summary:
+    """A candidate over its seeds."""
+
+    candidate: Candidate
+    runs: list[Retraining] = field(default_factory=list)
+
+    @property
+    def scores(self) -> np.ndarray:
+        return np.array([r.val_accuracy for r in self.runs], dtype=float)
+
+    @property
+    def failed(self) -> int:
+        return int(sum(r.status != "FINISHED" for r in self.runs))
+
+    @property
+    def mean(self) -> float:
+        return float(np.nanmean(self.scores)) if np.isfinite(self.scores).any() else float("nan")
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation over the seeds (0 with one seed)."""
+        ok = self.scores[np.isfinite(self.scores)]
+        return float(np.std(ok, ddof=1)) if len(ok) > 1 else 0.0
+
+
+def choose(summaries: list[Summary]) -> tuple[Summary, Retraining]:
+    """The winner: no diverged seed, then the highest mean validation accuracy (then the sweep's rank);
+    exported is its seed with the highest validation accuracy. Test plays no part."""
+    usable = [s for s in summaries if np.isfinite(s.mean)]
+    if not usable:
+        raise UserError("every retraining of every candidate failed (see the FAILED runs' failure_reason): "
+                        "check the sweep's configurations")
+    winner = min(usable, key=lambda s: (s.failed > 0, -s.mean, s.candidate.rank))
+    run = max((r for r in winner.runs if r.status == "FINISHED"), key=lambda r: (r.val_accuracy, -r.seed))
+    return winner, run
+
+
+def format_summaries(summaries: list[Summary], winner: Summary) -> str:
+    lines = [f"{'':1} {'rank':>4}  {'trial':>5}  {'sweep val':>9}  {'val mean ± std':>15}  {'seeds':>5}  "
+             "hyperparameters"]
+    for s in summaries:
+        mark = "*" if s is winner else " "
+        failed = f" ({s.failed} failed)" if s.failed else ""
+        lines.append(f"{mark} {s.candidate.rank:>4}  {s.candidate.trial_id:>5}  "
+                     f"{s.candidate.sweep_val_accuracy:>9.4f}  {s.mean:>7.4f} ± {s.std:.4f}  "
+                     f"{len(s.runs):>5}{failed}  {sweep.describe(s.candidate.values)}")
+    return "\n".join(lines)
+
+
+# ---- the run -----------------------------------------------------------------------------------
+
+@dataclass
+class BestResult:
+    run_id: str
+    summaries: list[Summary]
+    winner: Summary
+    exported: Retraining
+    test_loss: float
+    test_accuracy: float
+    export_dir: Path
+    model_version: Optional[str]
+    resumed: bool
+    seconds: float
+
+
+def _previous_best(client: MlflowClient, experiment_id: str, sweep_run_id: str, settings: dict[str, Any]):
+    """The latest `best` run of this sweep if it was cut off with the same settings (to resume), else None."""
+    runs = client.search_runs([experiment_id], f"tags.`lenet_sweep.kind` = 'best' and "
+                              f"tags.`lenet_sweep.sweep_run_id` = '{sweep_run_id}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs or runs[0].info.status == "FINISHED":
+        return None
+    same = all(runs[0].data.params.get(k) == str(v) for k, v in settings.items())
+    return runs[0] if same else None
+
+
+def run_best(cfg: DictConfig, overrides: Sequence[str] = (), print_fn: Optional[Progress] = None) -> BestResult:
+    """Choose, confirm, test once, export and register the winner of sweep `cfg.sweep.name`."""
+    say = print_fn or (lambda _: None)
+    for knob, value, least in (("best.top_k", cfg.best.top_k, 1), ("best.seeds", cfg.best.seeds, 1),
+                               ("best.first_seed", cfg.best.first_seed, 0)):
+        if value < least:
+            raise UserError(f"{knob}={value}: must be at least {least}")
+    target = export.check_target(cfg.export.dir, cfg.export.overwrite)
+    overridden = overridden_keys(overrides)
+    experiment_id = open_store(cfg.mlflow, create=False)
+    client = MlflowClient(mlflow.get_tracking_uri())
+    parent = find_sweep(client, experiment_id, cfg.sweep.name, cfg.mlflow.experiment)
+    if parent.info.status == "RUNNING":
+        say(f"note: sweep {cfg.sweep.name!r} is still RUNNING (or was cut off): ranking the trials it has")
+    chosen = candidates(client, experiment_id, parent, cfg.best.top_k)
+    patience = sweep._number(parent.data.params.get("sweep.early_stopping_patience", "None"))
+    seeds = [cfg.best.first_seed + i for i in range(cfg.best.seeds)]
+    settings = {"sweep.run_id": parent.info.run_id, "best.top_k": cfg.best.top_k, "best.seeds": cfg.best.seeds,
+                "best.first_seed": cfg.best.first_seed, "best.candidates": ",".join(c.trial_id for c in chosen),
+                "best.overrides": ",".join(f"{k}={OmegaConf.select(cfg, k)}" for k in overridden)}
+    previous = _previous_best(client, experiment_id, parent.info.run_id, settings)
+    say(f"sweep {cfg.sweep.name!r} (MLflow run {parent.info.run_id}): retraining its {len(chosen)} best "
+        f"configuration(s) by validation accuracy with seeds {seeds}"
+        + (f"; resuming best run {previous.info.run_id}" if previous else ""))
+
+    started = time.perf_counter()
+    prepared: dict[tuple[str, int], PreparedData] = {}
+
+    def data_for(trial_cfg: DictConfig, splits: tuple[str, ...]) -> PreparedData:
+        key = (OmegaConf.to_yaml(trial_cfg.data), trial_cfg.model.input_size, splits)
+        if key not in prepared:
+            prepared[key] = prepare_data(trial_cfg.data, trial_cfg.model.input_size, trial_cfg.seed, say,
+                                         splits=splits)
+        return prepared[key]
+
+    with tracked_run(experiment_id=experiment_id, run_id=previous.info.run_id if previous else None,
+                     run_name=None if previous else f"best-{cfg.sweep.name}",
+                     tags={"lenet_sweep.kind": "best", "lenet_sweep.sweep": cfg.sweep.name,
+                           "lenet_sweep.sweep_run_id": parent.info.run_id}) as best_run:
+        best_id = best_run.info.run_id
+        done = reusable(client, experiment_id, best_id) if previous else {}
+        if not previous:
+            mlflow.log_params(settings | {"best.early_stopping_patience": patience})
+        summaries = []
+        for candidate in chosen:
+            summary = Summary(candidate)
+            for seed in seeds:
+                if (candidate.trial_id, seed) in done:
+                    run = done[(candidate.trial_id, seed)]
+                    summary.runs.append(Retraining(candidate, seed, run.info.run_id, "FINISHED",
+                                                   run.data.metrics["best_val_accuracy"],
+                                                   int(run.data.metrics["best_epoch"])))
+                    say(f"candidate {candidate.rank} (trial {candidate.trial_id}) seed {seed}: "
+                        f"val_accuracy {summary.runs[-1].val_accuracy:.4f} (kept from the cut-off session)")
+                    continue
+                trial_cfg = retraining_config(candidate, cfg, overridden, seed)
+                r = retrain(candidate, trial_cfg, data_for(trial_cfg, ("train", "val")), experiment_id,
+                            best_id, patience)
+                summary.runs.append(r)
+                outcome = f"val_accuracy {r.val_accuracy:.4f} at epoch {r.best_epoch}" \
+                    if r.status == "FINISHED" else "FAILED (diverged)"
+                say(f"candidate {candidate.rank} (trial {candidate.trial_id}) seed {seed}: {outcome}, "
+                    f"{r.seconds:.0f}s, elapsed {_clock(time.perf_counter() - started)}")
+            summaries.append(summary)
+        winner, chosen_run = choose(summaries)
+        say("configurations by mean validation accuracy over seeds (* = winner):\n"
+            + format_summaries(summaries, winner))
+        _log_choice(summaries, winner, chosen_run)
+
+        # The test split, once, for the winner only.
+        final_cfg = retraining_config(winner.candidate, cfg, overridden, chosen_run.seed)
+        model = chosen_run.model or load_run_model(client, chosen_run.run_id)
+        test = data_for(final_cfg, ("test",))
+        split = test.decoded["test"]
+        test_loss, test_accuracy, confusion = evaluate_on_test(model, split, final_cfg.train.batch_size,
+                                                               len(test.splits.classes))
+        mlflow.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy})
+        title = f"test confusion: trial {winner.candidate.trial_id}, seed {chosen_run.seed}"
+        log_confusion(confusion, test.splits.classes, test.names, title)
+        _log_predictions(model, split, test.splits.classes, final_cfg.train.batch_size)
+        say(f"winner: trial {winner.candidate.trial_id} (sweep rank {winner.candidate.rank}), "
+            f"val_accuracy {winner.mean:.4f} ± {winner.std:.4f} over {len(winner.runs)} seed(s); "
+            f"seed {chosen_run.seed} exported; test_accuracy {test_accuracy:.4f} on {len(split.labels)} images "
+            "(evaluated once)")
+
+        config_yaml = OmegaConf.to_yaml(loggable_config(final_cfg))
+        prep = export.preprocessing(final_cfg.model.input_size, final_cfg.data.interpolation,
+                                    final_cfg.data.antialias)
+        card = model_card(cfg, final_cfg, test, summaries, winner, chosen_run, test_accuracy, test_loss,
+                          parent.info.run_id, best_id)
+        mlflow.log_text(card, export.CARD)
+        export.write(target, model, config_yaml, export.labels(test.splits.classes, test.names), prep, card)
+        mlflow.set_tag("lenet_sweep.export_dir", str(target))
+        say(f"exported to {target}")
+        version = register(cfg, model, prep, best_id, winner, test_accuracy)
+        if version:
+            say(f"registered as version {version} of {cfg.export.registered_model!r}"
+                + (f" (alias {cfg.export.alias!r})" if cfg.export.alias else ""))
+        for tag in ("failure_reason",):  # from the session this one resumed
+            if previous and tag in previous.data.tags:
+                client.delete_tag(best_id, tag)
+    return BestResult(best_id, summaries, winner, chosen_run, test_loss, test_accuracy, target, version,
+                      previous is not None, time.perf_counter() - started)
+
+
+def _log_choice(summaries: list[Summary], winner: Summary, chosen_run: Retraining) -> None:
+    rows = [[s.candidate.rank, s.candidate.trial_id, s.candidate.sweep_val_accuracy, s.mean, s.std,
+             len(s.runs), s.failed, " ".join(f"{r.val_accuracy:.4f}" for r in s.runs),
+             sweep.describe(s.candidate.values), "yes" if s is winner else ""] for s in summaries]
+    mlflow.log_text(_csv(rows, ["sweep_rank", "trial", "sweep_val_accuracy", "val_accuracy_mean",
+                                "val_accuracy_std", "seeds", "failed", "val_accuracy_per_seed",
+                                "hyperparameters", "winner"]), "best/candidates.csv")
+    mlflow.log_metrics({"val_accuracy_mean": winner.mean, "val_accuracy_std": winner.std,
+                        "exported_val_accuracy": chosen_run.val_accuracy})
+    mlflow.set_tags({"lenet_sweep.winner_trial": winner.candidate.trial_id,
+                     "lenet_sweep.winner_run_id": chosen_run.run_id, "lenet_sweep.winner_seed": chosen_run.seed})
+
+
+def _log_predictions(model: keras.Model, split, classes: Sequence[str], batch_size: int) -> None:
+    """Every test image's prediction (for the report's confusions and misclassified grid)."""
+    from lenet_sweep import data as D
+
+    scores = model.predict(D.make_dataset(split, batch_size, shuffle=False), verbose=0)
+    predicted = np.argmax(scores, axis=1)
+    rows = [[path, classes[label], classes[p], f"{scores[i, p]:.6f}", int(label == p)]
+            for i, (path, label, p) in enumerate(zip(split.paths, split.labels, predicted))]
+    mlflow.log_text(_csv(rows, ["path", "label", "predicted", "score", "correct"]),
+                    "evaluation/test_predictions.csv")
+
+
+def _requirements() -> list[str]:
+    """The winner's serving requirements: the versions it was trained with (no inference subprocess)."""
+    pins = []
+    for name in ("tensorflow-cpu", "tensorflow", "keras", "mlflow", "numpy", "pillow"):
+        try:
+            pins.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return pins
+
+
+def register(cfg: DictConfig, model: keras.Model, prep: dict[str, Any], best_run_id: str, winner: Summary,
+             test_accuracy: float) -> Optional[str]:
+    """Log the winner as an MLflow Keras model (pyfunc-loadable, servable) and register a new version."""
+    from mlflow.models import infer_signature
+
+    size = prep["input_size"]
+    example = np.zeros((1, size, size, 3), np.float32)
+    signature = infer_signature(example, model.predict(example, verbose=0))
+    name = cfg.export.registered_model
+    info = mlflow.keras.log_model(model, name="model", signature=signature, registered_model_name=name,
+                                  pip_requirements=_requirements())
+    if not name:
+        return None
+    version = str(info.registered_model_version)
+    client = MlflowClient(mlflow.get_tracking_uri())
+    for key, value in {"sweep": cfg.sweep.name, "trial": winner.candidate.trial_id,
+                       "val_accuracy_mean": f"{winner.mean:.4f}", "val_accuracy_std": f"{winner.std:.4f}",
+                       "test_accuracy": f"{test_accuracy:.4f}", "best_run_id": best_run_id,
+                       "input": f"float32 RGB (N, {size}, {size}, 3) in [0, 1]"}.items():
+        client.set_model_version_tag(name, version, key, value)
+    if cfg.export.alias:
+        client.set_registered_model_alias(name, cfg.export.alias, version)
+    return version
+
+
+# ---- the model card ----------------------------------------------------------------------------
+
+def model_card(cfg: DictConfig, final_cfg: DictConfig, test: PreparedData, summaries: list[Summary],
+               winner: Summary, chosen_run: Retraining, test_accuracy: float, test_loss: float,
+               sweep_run_id: str, best_run_id: str) -> str:
+    """MODEL_CARD.md: every number in it comes from this run."""
+    counts = {split: len(files.paths) for split, files in test.splits.files.items()}
+    m, o = final_cfg.model, final_cfg.optimizer
+    rows = "".join(f"| {s.candidate.rank} | {s.candidate.trial_id} | {s.candidate.sweep_val_accuracy:.4f} | "
+                   f"{s.mean:.4f} ± {s.std:.4f} | {len(s.runs)}{' (' + str(s.failed) + ' failed)' if s.failed else ''}"
+                   f" | {sweep.describe(s.candidate.values)} | {'**yes**' if s is winner else ''} |\n"
+                   for s in summaries)
+    study = "".join(f"| {row.model} ({row.optimizer}), the study | {row.test_accuracy:.4f} |\n" for row in cfg.study)
+    versions = package_versions()
+    relu = ("Its ReLU output gives non-negative scores, not probabilities: the argmax is the prediction.\n"
+            if m.output_activation == "relu" else "")
+    return f"""# Model card: {cfg.export.registered_model or 'lenet_sweep model'} from sweep `{cfg.sweep.name}`
+
+## Model
+{m.name} (family {m.family}): {m.input_size}x{m.input_size} RGB input, conv filters \
+{list(m.filters)[:m.conv_layers or len(m.filters)]} ({m.kernel_sizes[0]}x{m.kernel_sizes[0]}, {m.padding}, \
+{m.pooling} pooling), dense {list(m.dense)}, {m.output_activation} output, batch norm {m.batch_norm}, \
+dropout {m.dropout}, flip {m.augment_flip}, shift {m.augment_shift}. Optimizer {o.name}, learning rate \
+{o.learning_rate:.4g}; batch {final_cfg.train.batch_size}; up to {final_cfg.train.epochs} epochs with early \
+stopping on validation loss; weights of the best validation-accuracy epoch (epoch {chosen_run.best_epoch}).
+Trained with seed {chosen_run.seed}. Config: `config.yaml`; preprocessing: `preprocessing.json`.
+
+## Data and split
+Classes ({len(test.names)}): {', '.join(f'{c} ({n})' for c, n in zip(test.splits.classes, test.names))}.
+Data root `{test.splits.root}`: `train/` trains ({counts['train']} files); `val/` is split \
+{1 - final_cfg.data.test_fraction:.0%}:{final_cfg.data.test_fraction:.0%} per class with seed \
+{final_cfg.data.split_seed} into validation ({counts['val']} files) and test ({counts['test']} files; \
+{len(test.decoded['test'].labels)} decoded, {len(test.decoded['test'].skipped)} skipped).
+
+## How it was chosen
+The sweep's trials were ranked by validation accuracy; its {len(summaries)} best distinct configurations were \
+retrained with {cfg.best.seeds} seed(s) each ({', '.join(str(r.seed) for r in winner.runs)}); the winner has the \
+highest mean validation accuracy (sample standard deviation over seeds). The test split was evaluated once, \
+for the exported model only.
+
+| sweep rank | trial | sweep val acc (1 seed) | val acc mean ± std | seeds | hyperparameters | winner |
+|---|---|---|---|---|---|---|
+{rows}
+## Results
+- Validation accuracy of the winner: **{winner.mean:.4f} ± {winner.std:.4f}** over {len(winner.runs)} seed(s); \
+the exported seed: {chosen_run.val_accuracy:.4f}.
+- Test accuracy (evaluated once): **{test_accuracy:.4f}** (test loss {test_loss:.4f}).
+
+| model | test accuracy |
+|---|---|
+{study}| {m.name}, this export | {test_accuracy:.4f} |
+
+## Provenance
+MLflow: sweep run `{sweep_run_id}`, best run `{best_run_id}`, exported retraining `{chosen_run.run_id}`.
+Packages: {', '.join(f'{k} {v}' for k, v in versions.items())}.
+
+## Limits
+Trained on {len(test.names)} classes only: any image is put in one of them, with no "none of these" answer.
+{relu}"""
+
+
+# ---- entry point -------------------------------------------------------------------------------
+
+def run(cfg: DictConfig, overrides: Sequence[str]) -> BestResult:
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")
+    result = run_best(cfg, overrides, print)
+    print(f"best: {len(result.summaries)} configuration(s) x {cfg.best.seeds} seed(s) in "
+          f"{_clock(result.seconds)}; MLflow run {result.run_id} in {mlflow.get_tracking_uri()}")
+    return result
+
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="best")
+def main(cfg: DictConfig) -> None:
+    cli.guarded(lambda: run(cfg, list(HydraConfig.get().overrides.task)))
+
+
+if __name__ == "__main__":
+    cli.quote_path_overrides(("export.dir", "data.root"))
+    main()

@@ -1,0 +1,178 @@
+"""The exported model: what `python -m lenet_sweep.best` writes and `python -m lenet_sweep.predict` reads.
+
+    export.dir/
+      model.keras          the Keras model; loaded with safe_mode, so loading runs no code from the file
+      saved_model/1/       TensorFlow SavedModel with a `serve` endpoint (TF Serving's versioned layout)
+      labels.json          {"labels": [{"index": 0, "class": "n01440764", "name": "tench"}, ...]}
+      preprocessing.json   input size, channel order, scaling and resize method the model expects
+      config.yaml          the resolved config the model was trained with
+      MODEL_CARD.md        data, split, hyperparameters, validation mean ± std, test accuracy, the study
+
+The model takes float32 RGB images in [0, 1], (N, size, size, 3), and returns class probabilities (a
+ReLU output returns non-negative scores: argmax is still the prediction). `images_for` turns files into
+that input exactly as training decoded them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import keras
+import numpy as np
+
+from lenet_sweep import data as D
+from lenet_sweep.errors import UserError
+
+MODEL, SAVED_MODEL, LABELS, PREPROCESSING, CONFIG, CARD = (
+    "model.keras", "saved_model/1", "labels.json", "preprocessing.json", "config.yaml", "MODEL_CARD.md")
+
+
+def preprocessing(input_size: int, interpolation: str, antialias: bool) -> dict[str, Any]:
+    """What `preprocessing.json` says: how a file becomes the model's input (see data.py)."""
+    return {"input_size": input_size, "layout": "NHWC", "channels": "RGB", "dtype": "float32",
+            # x / 255 in float32, as data.make_dataset scales batches (not x * (1/255), which rounds apart)
+            "divide_by": 255.0,
+            "resize": {"method": interpolation, "antialias": antialias, "library": "tf.image.resize"},
+            "decode": "Pillow; grayscale, CMYK and palette converted to RGB, alpha dropped, "
+                      "16-bit scaled to 8-bit"}
+
+
+def labels(classes: Sequence[str], names: Sequence[str]) -> dict[str, Any]:
+    return {"labels": [{"index": i, "class": c, "name": n} for i, (c, n) in enumerate(zip(classes, names))]}
+
+
+def check_target(folder: str | os.PathLike | None, overwrite: bool) -> Path:
+    """The export folder, checked before any work: new or empty, or an earlier export with `overwrite`.
+
+    A folder holding anything but an export is never replaced, whatever `overwrite` says.
+    """
+    if not folder:
+        raise UserError("export.dir is not set: give export.dir=DIR, a new or empty folder for the model")
+    target = Path(folder).expanduser().resolve()
+    if target.exists() and not target.is_dir():
+        raise UserError(f"export.dir={str(target)!r} is a file: give a folder")
+    if target.is_dir() and any(target.iterdir()):
+        if not (target / MODEL).is_file() or not (target / LABELS).is_file():
+            raise UserError(f"export.dir={str(target)!r} holds files that are not a lenet_sweep export: "
+                            "choose a new or empty folder (nothing there was touched)")
+        if not overwrite:
+            raise UserError(f"export.dir={str(target)!r} already holds an export: give export.overwrite=true "
+                            "to replace it, or choose another folder")
+    return target
+
+
+def write(target: Path, model: keras.Model, config_yaml: str, label_table: dict[str, Any],
+          prep: dict[str, Any], card: str) -> Path:
+    """Write the export to `target` (checked by `check_target`) all at once: it is built beside the
+    target and renamed into place, so an interrupted export leaves no half-written folder."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.parent / f".{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    try:
+        model.save(partial / MODEL)
+        saved_model(model, partial / SAVED_MODEL)
+        (partial / LABELS).write_text(json.dumps(label_table, indent=1, ensure_ascii=False) + "\n",
+                                      encoding="utf-8")
+        (partial / PREPROCESSING).write_text(json.dumps(prep, indent=1) + "\n")
+        (partial / CONFIG).write_text(config_yaml, encoding="utf-8")
+        (partial / CARD).write_text(card, encoding="utf-8")
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        if target.exists():
+            target.rename(old)
+        partial.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def saved_model(model: keras.Model, path: Path) -> None:
+    """A SavedModel whose `serve` endpoint runs the model in inference mode.
+
+    `model.export` traces `model(x)` with training unset, and Keras 3's augmentation layers (RandomFlip,
+    RandomTranslation) then transform the input: served predictions would be randomly flipped ones.
+    """
+    import tensorflow as tf
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serve", lambda images: model(images, training=False),
+                         input_signature=[tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, "images")])
+    archive.write_out(str(path), verbose=False)
+
+
+@dataclass
+class Export:
+    """A loaded export: the model and what its outputs and inputs mean."""
+
+    folder: Path
+    model: keras.Model
+    classes: list[str]
+    names: list[str]
+    preprocessing: dict[str, Any]
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} cannot be read ({err}): export the model again "
+                        "(python -m lenet_sweep.best ... export.dir=DIR)") from None
+
+
+def load(folder: str | os.PathLike | None) -> Export:
+    """Load an export safely: Keras' safe_mode refuses anything in the file that would run code
+    (a Lambda layer's pickled function), and the files are checked against each other."""
+    if not folder:
+        raise UserError("export.dir is not set: give export.dir=DIR, a folder written by "
+                        "python -m lenet_sweep.best")
+    folder = Path(folder).expanduser()
+    missing = [name for name in (MODEL, LABELS, PREPROCESSING) if not (folder / name).is_file()]
+    if missing:
+        raise UserError(f"export.dir={str(folder)!r} lacks {', '.join(missing)}: give a folder written by "
+                        "python -m lenet_sweep.best ... export.dir=DIR")
+    table = _json(folder / LABELS)
+    prep = _json(folder / PREPROCESSING)
+    try:
+        entries = sorted(table["labels"], key=lambda e: e["index"])
+        classes, names = [e["class"] for e in entries], [e["name"] for e in entries]
+        size = int(prep["input_size"])
+        float(prep["divide_by"]), prep["resize"]["method"]
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"{folder / LABELS} or {folder / PREPROCESSING} is not what lenet_sweep.best writes "
+                        f"(missing {err}): export the model again") from None
+    try:
+        model = keras.saving.load_model(folder / MODEL, compile=False, safe_mode=True)
+    except Exception as err:  # Keras raises ValueError, TypeError, OSError... naming the layer at fault
+        raise UserError(f"{folder / MODEL} was not loaded: {str(err).splitlines()[0][:400]} "
+                        "(lenet_sweep loads models with Keras safe_mode and never runs code from a file)"
+                        ) from None
+    if tuple(model.input_shape[1:]) != (size, size, 3) or model.output_shape[-1] != len(classes):
+        raise UserError(f"{folder}: the model takes {model.input_shape[1:]} and gives {model.output_shape[-1]} "
+                        f"scores, but {PREPROCESSING} says {size}x{size}x3 and {LABELS} lists {len(classes)} "
+                        "classes: the export's files do not belong together")
+    return Export(folder, model, classes, names, prep)
+
+
+def images_for(paths: Sequence[Path], prep: dict[str, Any]) -> tuple[np.ndarray, list[Path],
+                                                                      list[tuple[Path, str]]]:
+    """(model input, files decoded, (file, reason) of files that were not): each file as training
+    decoded it (data.read_rgb, data.resize), scaled as `prep` says."""
+    images, kept, failed = [], [], []
+    for path in paths:
+        try:
+            rgb = D.read_rgb(path)
+        except D.DECODE_ERRORS as err:
+            failed.append((path, f"{type(err).__name__}: {err}"))
+            continue
+        resized = D.resize(rgb, int(prep["input_size"]), prep["resize"]["method"], prep["resize"]["antialias"])
+        images.append(resized.astype(np.float32) / np.float32(prep["divide_by"]))
+        kept.append(path)
+    size = int(prep["input_size"])
+    batch = np.stack(images) if images else np.zeros((0, size, size, 3), np.float32)
+    return batch, kept, failed

@@ -1,0 +1,253 @@
+"""`best`: the winner chosen on validation over seeds, tested once, exported, registered; `predict`."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+from conftest import CONF_DIR, _pattern, make_image_folder
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from test_sweep import compose_sweep, overrides, runs_of
+from test_train import run_cli
+
+from lenet_sweep import best, export, predict, sweep
+from lenet_sweep import data as D
+from lenet_sweep.config import register_configs
+from lenet_sweep.errors import UserError
+
+CLASSES = ("n01440764", "n02102040")
+# Two configurations that differ only in learning rate: one learns, one barely moves.
+SPACE = {"lr": {"key": "optimizer.learning_rate", "type": "choice", "values": [1e-7, 3e-3]}}
+EPOCHS = 4
+
+
+def compose_best(more: list[str]):
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="best", overrides=more)
+
+
+@pytest.fixture(scope="module")
+def swapped(tmp_path_factory) -> Path:
+    """Two classes whose test images look like the other class: on test, every model scores about
+    1 - its validation accuracy, so ranking on test would reverse ranking on validation."""
+    root = make_image_folder(tmp_path_factory.mktemp("best") / "data", classes=CLASSES, n_train=24, n_val=10,
+                             size=36, messy=False)
+    splits = D.find_splits(root, seed=0)  # the sweep's split: train.yaml's seed 0, test_fraction 0.2
+    for i, (path, label) in enumerate(zip(splits.files["test"].paths, splits.files["test"].labels)):
+        Image.fromarray(_pattern(1 - label, 700 + i, 36)).save(root / path, quality=90)
+    return root
+
+
+@pytest.fixture(scope="module")
+def swept(swapped, tmp_path_factory):
+    """A finished two-trial sweep over `swapped`: (store URI, tmp folder)."""
+    tmp = tmp_path_factory.mktemp("swept")
+    store = f"sqlite:///{tmp / 'store' / 'mlflow.db'}"
+    cfg, optimizers = compose_sweep(overrides(swapped, tmp, store, "tuner=random", "tuner.max_trials=2",
+                                              f"train.epochs={EPOCHS}", name="s"))
+    cfg.search.space = SPACE
+    result = sweep.run_sweep(cfg, optimizers)
+    assert [r["status"] for r in result.rows] == ["FINISHED", "FINISHED"]
+    return store, tmp
+
+
+def test_best_command_chooses_on_validation_tests_once_exports_and_registers(swept, swapped, tmp_path):
+    store, _ = swept
+    out = tmp_path / "export dir"  # a space in the path, as typed
+    result = run_cli(["lenet_sweep.best", "sweep.name=s", f"mlflow.tracking_uri={store}", "mlflow.experiment=sweep",
+                      f"export.dir={out}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "winner: trial" in result.stdout and "evaluated once" in result.stdout
+
+    client = MlflowClient(store)
+    (best_run,) = runs_of(store, "best")
+    retrains = runs_of(store, "retrain")
+    assert best_run.info.status == "FINISHED"
+    # 2 distinct configurations x 3 seeds (the defaults), each nested under the best run, none tested
+    assert len(retrains) == 6
+    assert {r.data.tags["mlflow.parentRunId"] for r in retrains} == {best_run.info.run_id}
+    assert {int(r.data.tags["lenet_sweep.seed"]) for r in retrains} == {1000, 1001, 1002}
+    assert not any("test_accuracy" in r.data.metrics for r in retrains)
+    assert all(r.data.params["data.split_seed"] == "0" for r in retrains)  # the sweep's split
+
+    # the winner has the highest mean validation accuracy ...
+    table = client.download_artifacts(best_run.info.run_id, "best/candidates.csv", str(tmp_path))
+    rows = list(csv.DictReader(open(table)))
+    means = {r["trial"]: float(r["val_accuracy_mean"]) for r in rows}
+    winner = best_run.data.tags["lenet_sweep.winner_trial"]
+    assert means[winner] == max(means.values()) and len(set(means.values())) == 2
+    for trial, mean in means.items():
+        scores = [r.data.metrics["best_val_accuracy"] for r in retrains
+                  if r.data.tags["lenet_sweep.trial_id"] == trial]
+        assert mean == pytest.approx(np.mean(scores))
+    # ... while the test split would have picked the other configuration
+    test_split = D.decode_split(swapped, D.find_splits(swapped, 0).files["test"], 32)
+    on_test = {}
+    for r in retrains:
+        model = best.load_run_model(client, r.info.run_id)
+        predicted = np.argmax(model.predict(test_split.images / np.float32(255), verbose=0), axis=1)
+        on_test.setdefault(r.data.tags["lenet_sweep.trial_id"], []).append(np.mean(predicted == test_split.labels))
+    assert max(on_test, key=lambda t: np.mean(on_test[t])) != winner
+    # the test split was evaluated once, on the best run, for the exported retraining
+    assert best_run.data.metrics["test_accuracy"] == pytest.approx(
+        on_test[winner][[r.info.run_id for r in retrains if r.data.tags["lenet_sweep.trial_id"] == winner]
+                        .index(best_run.data.tags["lenet_sweep.winner_run_id"])])
+
+    # the export: every file, and it predicts exactly what the trained model predicts
+    assert {p.name for p in out.iterdir()} == {"model.keras", "saved_model", "labels.json", "preprocessing.json",
+                                               "config.yaml", "MODEL_CARD.md"}
+    labels = json.loads((out / "labels.json").read_text())["labels"]
+    assert [(e["class"], e["name"]) for e in labels] == [("n01440764", "tench"), ("n02102040", "English springer")]
+    assert json.loads((out / "preprocessing.json").read_text())["input_size"] == 32
+    card = (out / "MODEL_CARD.md").read_text()
+    assert f"{best_run.data.metrics['test_accuracy']:.4f}" in card and "0.5136" in card and "0.6321" in card
+    assert f"{best_run.data.metrics['val_accuracy_mean']:.4f} ± {best_run.data.metrics['val_accuracy_std']:.4f}" in card
+    trained = best.load_run_model(client, best_run.data.tags["lenet_sweep.winner_run_id"])
+    loaded = export.load(out)
+    files = [swapped / "val" / CLASSES[0] / "img_000.JPEG", swapped / "val" / CLASSES[1] / "img_001.JPEG"]
+    pixels, kept, failed = export.images_for(files, loaded.preprocessing)
+    assert len(kept) == 2 and not failed
+    expected = trained.predict(pixels, verbose=0)
+    np.testing.assert_array_equal(loaded.model.predict(pixels, verbose=0), expected)
+    import tensorflow as tf
+    saved_model = tf.saved_model.load(str(out / "saved_model" / "1"))  # kept: serve needs its variables
+    served = saved_model.serve(pixels).numpy()
+    np.testing.assert_allclose(served, expected, atol=1e-6)
+
+    # the registry: a new version of lenet_sweep-best, aliased, that pyfunc loads and that classifies pixels
+    version = client.get_model_version_by_alias("lenet_sweep-best", "champion")
+    assert str(version.version) == "1" and version.tags["trial"] == winner
+    mlflow.set_tracking_uri(store)
+    pyfunc = mlflow.pyfunc.load_model("models:/lenet_sweep-best@champion")
+    np.testing.assert_allclose(pyfunc.predict(pixels), expected, atol=1e-6)
+    assert list(np.argmax(pyfunc.predict(pixels), axis=1)) == list(np.argmax(expected, axis=1))
+
+    # a second run of the command refuses to overwrite the export unless asked
+    again = run_cli(["lenet_sweep.best", "sweep.name=s", f"mlflow.tracking_uri={store}",
+                     "mlflow.experiment=sweep", f"export.dir={out}"])
+    assert again.returncode != 0 and "export.overwrite=true" in again.stderr
+    assert len(runs_of(store, "best")) == 1  # refused before anything was recorded
+
+
+def test_predict_classifies_files_and_folders_and_skips_what_it_cannot_read(swept, swapped, tmp_path):
+    store, _ = swept
+    cfg = compose_best(["sweep.name=s", f"mlflow.tracking_uri={store}", "mlflow.experiment=sweep",
+                        f"export.dir={tmp_path / 'exp'}", "best.top_k=1", "best.seeds=1",
+                        "export.registered_model=null"])
+    best.run_best(cfg)
+    photos = tmp_path / "my photos"
+    photos.mkdir()
+    Image.fromarray(_pattern(0, 5, 50)).convert("RGBA").save(photos / "fish (1).png")
+    Image.fromarray(_pattern(1, 6, 20)).convert("L").save(photos / "dog.bmp")
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (photos / "notes.txt").write_text("not an image; not a Pillow suffix either")
+    single = swapped / "val" / CLASSES[1] / "img_002.JPEG"
+    csv_out = tmp_path / "out" / "predictions.csv"
+    result = run_cli(["lenet_sweep.predict", f"export.dir={tmp_path / 'exp'}", f"images={photos},{single}",
+                      f"predict.output={csv_out}", "predict.top_k=2"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "broken.jpg" in result.stderr and "notes.txt" not in result.stdout + result.stderr
+    assert "3 image(s) classified, 1 skipped" in result.stdout
+    rows = list(csv.DictReader(csv_out.open()))
+    assert [Path(r["path"]).name for r in rows] == ["broken.jpg", "dog.bmp", "fish (1).png", "img_002.JPEG"]
+    assert rows[0]["error"] and not rows[0]["class_1"]
+    for r in rows[1:]:
+        assert r["name_1"] in ("tench", "English springer") and r["class_2"] and not r["error"]
+        assert float(r["score_1"]) >= float(r["score_2"])
+    # the same label as the model on the same pixels
+    loaded = export.load(tmp_path / "exp")
+    pixels, _, _ = export.images_for([single], loaded.preprocessing)
+    assert rows[3]["class_1"] == loaded.classes[int(np.argmax(loaded.model.predict(pixels, verbose=0)))]
+
+    nothing = run_cli(["lenet_sweep.predict", f"export.dir={tmp_path / 'exp'}", f"images={photos / 'broken.jpg'}"])
+    assert nothing.returncode != 0 and "no image could be classified" in nothing.stderr
+    missing = run_cli(["lenet_sweep.predict", f"export.dir={tmp_path / 'nowhere'}", f"images={single}"])
+    assert missing.returncode != 0 and "lacks model.keras" in missing.stderr
+
+
+def test_loading_an_export_never_runs_code_from_it(tmp_path):
+    ran = tmp_path / "ran"
+    marker = str(ran)
+    inputs = keras.Input((8, 8, 3))
+    outputs = keras.layers.Lambda(lambda x: (open(marker, "w").close(), x)[1])(inputs)  # side effect if run
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(outputs)))
+    ran.unlink(missing_ok=True)
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    model.save(folder / "model.keras")
+    (folder / "labels.json").write_text(json.dumps(export.labels(["a", "b"], ["a", "b"])))
+    (folder / "preprocessing.json").write_text(json.dumps(export.preprocessing(8, "bilinear", False)))
+    with pytest.raises(UserError, match="safe_mode"):
+        export.load(folder)
+    assert not ran.exists()
+    keras.saving.load_model(folder / "model.keras", safe_mode=False)  # what safe_mode prevents
+    assert ran.exists()
+
+
+def test_a_cut_off_best_resumes_keeping_finished_retrainings(swept, tmp_path, monkeypatch):
+    store, _ = swept
+    cfg = compose_best(["sweep.name=s", f"mlflow.tracking_uri={store}", "mlflow.experiment=sweep",
+                        f"export.dir={tmp_path / 'exp'}", "best.top_k=2", "best.seeds=1",
+                        "export.registered_model=other"])
+    real = best.train_and_log
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(best, "train_and_log", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        best.run_best(cfg)
+    monkeypatch.setattr(best, "train_and_log", real)
+    cut = [r for r in runs_of(store, "best") if r.info.status == "KILLED"]
+    assert len(cut) == 1 and not (tmp_path / "exp").exists()
+    result = best.run_best(cfg)
+    assert result.resumed and result.run_id == cut[0].info.run_id
+    children = [r for r in runs_of(store, "retrain") if r.data.tags["mlflow.parentRunId"] == result.run_id]
+    assert len(children) == 2  # the finished retraining kept, the cut-off one trained in the second session
+    assert MlflowClient(store).get_run(result.run_id).info.status == "FINISHED"
+    assert (tmp_path / "exp" / "model.keras").is_file()
+    assert str(MlflowClient(store).get_model_version_by_alias("other", "champion").version) == "1"
+
+
+@pytest.mark.parametrize("more, message", [
+    (["sweep.name=nope"], "no sweep named 'nope'"),
+    (["mlflow.experiment=nope"], "no MLflow experiment 'nope'"),
+    (["best.seeds=0"], "best.seeds=0: must be at least 1"),
+])
+def test_bad_requests_are_refused_before_anything_is_recorded(more, message, swept, tmp_path):
+    store, _ = swept
+    before = len(runs_of(store, "best"))
+    result = run_cli(["lenet_sweep.best", "sweep.name=s", f"mlflow.tracking_uri={store}",
+                      "mlflow.experiment=sweep", f"export.dir={tmp_path / 'x'}", *more])
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    assert len(runs_of(store, "best")) == before and not (tmp_path / "x").exists()
+
+
+def test_an_export_folder_with_other_files_is_never_replaced(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(UserError, match="not a lenet_sweep export"):
+        export.check_target(tmp_path / "mine", overwrite=True)
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
+def test_a_trials_recorded_params_rebuild_its_config():
+    params = {"data.root": "/data/1e5", "data.class_names.a.b": "x", "model.filters": "[32, 64]",
+              "model.dropout": "0.25", "model.conv_layers": "None", "train.keras_verbose": "0",
+              "optimizer.name": "Adam", "optimizer.beta_1": "0.8", "seed": "3", "lr": "0.001",
+              "tuner/epochs": "9"}
+    cfg = best.recorded_config(params)
+    assert cfg.data.root == "/data/1e5" and cfg.data.class_names == {"a.b": "x"}
+    assert list(cfg.model.filters) == [32, 64] and cfg.model.dropout == 0.25 and cfg.model.conv_layers is None
+    assert cfg.train.keras_verbose == "0" and cfg.optimizer.beta_1 == 0.8 and cfg.seed == 3
