@@ -89,8 +89,8 @@ def recorded_config(params: Mapping[str, str]) -> DictConfig:
     tree: dict[str, Any] = {}
     for key, text in params.items():
         path = key.split(".")
-        if key != "seed" and path[0] not in CONFIG_GROUPS:
-            continue  # hyperparameter names and tuner/* values
+        if key != "seed" and (len(path) == 1 or path[0] not in CONFIG_GROUPS):
+            continue  # hyperparameter names (a dimension may be called `optimizer`) and tuner/* values
         if path[:2] == ["data", "class_names"]:
             path = path[:2] + [".".join(path[2:])]  # a class folder name may hold dots
         if text == "None":

@@ -245,7 +245,7 @@ def test_an_export_folder_with_other_files_is_never_replaced(tmp_path):
 def test_a_trials_recorded_params_rebuild_its_config():
     params = {"data.root": "/data/1e5", "data.class_names.a.b": "x", "model.filters": "[32, 64]",
               "model.dropout": "0.25", "model.conv_layers": "None", "train.keras_verbose": "0",
-              "optimizer.name": "Adam", "optimizer.beta_1": "0.8", "seed": "3", "lr": "0.001",
+              "optimizer.name": "Adam", "optimizer.beta_1": "0.8", "seed": "3", "lr": "0.001", "optimizer": "adam",
               "tuner/epochs": "9"}
     cfg = best.recorded_config(params)
     assert cfg.data.root == "/data/1e5" and cfg.data.class_names == {"a.b": "x"}
