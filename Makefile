@@ -8,7 +8,7 @@ TF_EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev
 DATA ?= $(wildcard ../shared/datasets/imagenette)
 ARGS ?=
 
-.PHONY: install test sweep reproduce bench clean
+.PHONY: install browser test sweep ui reproduce bench clean
 
 install: $(VENV)/.installed
 
@@ -18,12 +18,24 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[$(TF_EXTRA),test]"
 	touch $@
 
-test: install
+# Debian's Chromium for the end-to-end test of the MLflow UI (tests/test_ui.py drives it with Playwright;
+# no browser download). Where it cannot be installed (not root, no apt) that test is skipped, saying why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "Chromium could not be installed: the browser test will be skipped"
+
+test: install browser
 	$(PY) -m pytest -q $(ARGS)
 
 # The default sweep (conf/sweep.yaml): KerasTuner over conf/search/default.yaml, every trial in MLflow.
 sweep: install
 	$(PY) -m lenet_sweep.sweep $(if $(DATA),'data.root="$(DATA)"') $(ARGS)
+
+# The MLflow UI on the project's store (mlruns/, or MLFLOW_TRACKING_URI) at http://127.0.0.1:$(PORT) (5000).
+ui: install
+	$(PY) -m lenet_sweep.ui $(if $(MLFLOW_TRACKING_URI),'mlflow.tracking_uri=$(MLFLOW_TRACKING_URI)') \
+		$(if $(PORT),ui.port=$(PORT)) $(ARGS)
 
 reproduce: install
 	$(PY) -m lenet_sweep.reproduce $(if $(DATA),'data.root="$(DATA)"') $(ARGS)

@@ -139,8 +139,9 @@ def candidates(client: MlflowClient, experiment_id: str, parent, top_k: int) -> 
     finished = [(trial_id, run) for trial_id, run in latest.items()
                 if run.info.status == "FINISHED" and f"best_{OBJECTIVE}" in run.data.metrics]
     if not finished:
-        raise UserError(f"sweep {parent.data.tags.get('lenet_sweep.sweep')!r} (MLflow run {parent.info.run_id}) "
-                        f"has no finished trial ({len(latest)} trial(s) recorded): run or resume the sweep first")
+        name = parent.data.tags.get("lenet_sweep.sweep")
+        raise UserError(f"sweep {name!r} (MLflow run {parent.info.run_id}) has no finished trial "
+                        f"({len(latest)} trial(s) recorded): run or resume the sweep first")
     finished.sort(key=lambda item: (-item[1].data.metrics[f"best_{OBJECTIVE}"], item[0]))
     chosen: list[Candidate] = []
     seen: set[str] = set()
@@ -158,7 +159,8 @@ def candidates(client: MlflowClient, experiment_id: str, parent, top_k: int) -> 
     return chosen
 
 
-def retraining_config(candidate: Candidate, cfg: DictConfig, overridden: Sequence[str], seed: int) -> DictConfig:
+def retraining_config(candidate: Candidate, cfg: DictConfig, overridden: Sequence[str],
+                      seed: int) -> DictConfig:
     """The candidate's config trained with `seed` on the sweep's split, logged where `cfg` logs, with the
     command line's data.*/train.* overrides and this machine's local knobs."""
     trial = OmegaConf.create(OmegaConf.to_container(candidate.config, resolve=True))
@@ -202,7 +204,7 @@ def best_epoch(history: list[dict[str, float]]) -> tuple[int, float]:
 
 
 def retrain(candidate: Candidate, cfg: DictConfig, prepared: PreparedData, experiment_id: str,
-            best_run_id: str, patience: Optional[int]) -> Retraining:
+            best_run_id: str, patience: Optional[int], print_fn: Optional[Progress] = None) -> Retraining:
     """Train `candidate` once with `cfg.seed`, as a run nested under the `best` run; no test split."""
     stop = [keras.callbacks.EarlyStopping("val_loss", patience=patience)] if patience else []
     # Keras 3 restores the best epoch's weights when training ends, stopped early or not; patience past
@@ -211,7 +213,8 @@ def retrain(candidate: Candidate, cfg: DictConfig, prepared: PreparedData, exper
     keep_best = keras.callbacks.EarlyStopping(OBJECTIVE, mode="max", patience=cfg.train.epochs + 1,
                                               restore_best_weights=True)
     result = train_and_log(cfg, prepared, experiment_id, parent_run_id=best_run_id,
-                           run_name=f"trial-{candidate.trial_id}-seed{cfg.seed}", test=False,
+                           run_name=f"trial-{candidate.trial_id}-seed{cfg.seed}", print_fn=print_fn,
+                           test=False,
                            callbacks=[*stop, keep_best],
                            tags={"lenet_sweep.kind": "retrain", "lenet_sweep.trial_id": candidate.trial_id,
                                  "lenet_sweep.seed": cfg.seed, "lenet_sweep.candidate": candidate.rank})
@@ -223,8 +226,8 @@ def retrain(candidate: Candidate, cfg: DictConfig, prepared: PreparedData, exper
             Metric(f"best_{k}", v, int(time.time() * 1000), 0)
             for k, v in {"val_accuracy": score, "val_loss": row.get("val_loss", float("nan")),
                          "epoch": epoch}.items()])
-    return Retraining(candidate, cfg.seed, result.run_id, status, score if not result.diverged else float("nan"),
-                      epoch, result.seconds, result.model)
+    return Retraining(candidate, cfg.seed, result.run_id, status,
+                      float("nan") if result.diverged else score, epoch, result.seconds, result.model)
 
 
 def reusable(client: MlflowClient, experiment_id: str, best_run_id: str) -> dict[tuple[str, int], Any]:
@@ -325,7 +328,8 @@ def _previous_best(client: MlflowClient, experiment_id: str, sweep_run_id: str, 
     return runs[0] if same else None
 
 
-def run_best(cfg: DictConfig, overrides: Sequence[str] = (), print_fn: Optional[Progress] = None) -> BestResult:
+def run_best(cfg: DictConfig, overrides: Sequence[str] = (),
+             print_fn: Optional[Progress] = None) -> BestResult:
     """Choose, confirm, test once, export and register the winner of sweep `cfg.sweep.name`."""
     say = print_fn or (lambda _: None)
     for knob, value, least in (("best.top_k", cfg.best.top_k, 1), ("best.seeds", cfg.best.seeds, 1),
@@ -342,8 +346,9 @@ def run_best(cfg: DictConfig, overrides: Sequence[str] = (), print_fn: Optional[
     chosen = candidates(client, experiment_id, parent, cfg.best.top_k)
     patience = sweep._number(parent.data.params.get("sweep.early_stopping_patience", "None"))
     seeds = [cfg.best.first_seed + i for i in range(cfg.best.seeds)]
-    settings = {"sweep.run_id": parent.info.run_id, "best.top_k": cfg.best.top_k, "best.seeds": cfg.best.seeds,
-                "best.first_seed": cfg.best.first_seed, "best.candidates": ",".join(c.trial_id for c in chosen),
+    settings = {"sweep.run_id": parent.info.run_id, "best.top_k": cfg.best.top_k,
+                "best.seeds": cfg.best.seeds, "best.first_seed": cfg.best.first_seed,
+                "best.candidates": ",".join(c.trial_id for c in chosen),
                 "best.overrides": ",".join(f"{k}={OmegaConf.select(cfg, k)}" for k in overridden)}
     previous = _previous_best(client, experiment_id, parent.info.run_id, settings)
     say(f"sweep {cfg.sweep.name!r} (MLflow run {parent.info.run_id}): retraining its {len(chosen)} best "
@@ -377,16 +382,18 @@ def run_best(cfg: DictConfig, overrides: Sequence[str] = (), print_fn: Optional[
                     summary.runs.append(Retraining(candidate, seed, run.info.run_id, "FINISHED",
                                                    run.data.metrics["best_val_accuracy"],
                                                    int(run.data.metrics["best_epoch"])))
-                    say(f"candidate {candidate.rank} (trial {candidate.trial_id}) seed {seed}: "
+                    say(f"trial {candidate.trial_id} (sweep rank {candidate.rank}) seed {seed}: "
                         f"val_accuracy {summary.runs[-1].val_accuracy:.4f} (kept from the cut-off session)")
                     continue
                 trial_cfg = retraining_config(candidate, cfg, overridden, seed)
+                say(f"trial {candidate.trial_id} (sweep rank {candidate.rank}) seed {seed}: training up to "
+                    f"{trial_cfg.train.epochs} epochs")
                 r = retrain(candidate, trial_cfg, data_for(trial_cfg, ("train", "val")), experiment_id,
-                            best_id, patience)
+                            best_id, patience, print_fn)
                 summary.runs.append(r)
                 outcome = f"val_accuracy {r.val_accuracy:.4f} at epoch {r.best_epoch}" \
                     if r.status == "FINISHED" else "FAILED (diverged)"
-                say(f"candidate {candidate.rank} (trial {candidate.trial_id}) seed {seed}: {outcome}, "
+                say(f"trial {candidate.trial_id} (sweep rank {candidate.rank}) seed {seed}: {outcome}, "
                     f"{r.seconds:.0f}s, elapsed {_clock(time.perf_counter() - started)}")
             summaries.append(summary)
         winner, chosen_run = choose(summaries)
@@ -407,8 +414,8 @@ def run_best(cfg: DictConfig, overrides: Sequence[str] = (), print_fn: Optional[
         _log_predictions(model, split, test.splits.classes, final_cfg.train.batch_size)
         say(f"winner: trial {winner.candidate.trial_id} (sweep rank {winner.candidate.rank}), "
             f"val_accuracy {winner.mean:.4f} ± {winner.std:.4f} over {len(winner.runs)} seed(s); "
-            f"seed {chosen_run.seed} exported; test_accuracy {test_accuracy:.4f} on {len(split.labels)} images "
-            "(evaluated once)")
+            f"seed {chosen_run.seed} exported; test_accuracy {test_accuracy:.4f} on {len(split.labels)} "
+            "images (evaluated once)")
 
         config_yaml = OmegaConf.to_yaml(loggable_config(final_cfg))
         prep = export.preprocessing(final_cfg.model.input_size, final_cfg.data.interpolation,
@@ -440,7 +447,8 @@ def _log_choice(summaries: list[Summary], winner: Summary, chosen_run: Retrainin
     mlflow.log_metrics({"val_accuracy_mean": winner.mean, "val_accuracy_std": winner.std,
                         "exported_val_accuracy": chosen_run.val_accuracy})
     mlflow.set_tags({"lenet_sweep.winner_trial": winner.candidate.trial_id,
-                     "lenet_sweep.winner_run_id": chosen_run.run_id, "lenet_sweep.winner_seed": chosen_run.seed})
+                     "lenet_sweep.winner_run_id": chosen_run.run_id,
+                     "lenet_sweep.winner_seed": chosen_run.seed})
 
 
 def _log_predictions(model: keras.Model, split, classes: Sequence[str], batch_size: int) -> None:
@@ -500,14 +508,16 @@ def model_card(cfg: DictConfig, final_cfg: DictConfig, test: PreparedData, summa
     counts = {split: len(files.paths) for split, files in test.splits.files.items()}
     m, o = final_cfg.model, final_cfg.optimizer
     rows = "".join(f"| {s.candidate.rank} | {s.candidate.trial_id} | {s.candidate.sweep_val_accuracy:.4f} | "
-                   f"{s.mean:.4f} ± {s.std:.4f} | {len(s.runs)}{' (' + str(s.failed) + ' failed)' if s.failed else ''}"
+                   f"{s.mean:.4f} ± {s.std:.4f} | {len(s.runs)}{f' ({s.failed} failed)' if s.failed else ''}"
                    f" | {sweep.describe(s.candidate.values)} | {'**yes**' if s is winner else ''} |\n"
                    for s in summaries)
-    study = "".join(f"| {row.model} ({row.optimizer}), the study | {row.test_accuracy:.4f} |\n" for row in cfg.study)
+    study = "".join(f"| {row.model} ({row.optimizer}), the study | {row.test_accuracy:.4f} |\n"
+                    for row in cfg.study)
+    title = cfg.export.registered_model or "lenet_sweep model"
     versions = package_versions()
     relu = ("Its ReLU output gives non-negative scores, not probabilities: the argmax is the prediction.\n"
             if m.output_activation == "relu" else "")
-    return f"""# Model card: {cfg.export.registered_model or 'lenet_sweep model'} from sweep `{cfg.sweep.name}`
+    return f"""# Model card: {title} from sweep `{cfg.sweep.name}`
 
 ## Model
 {m.name} (family {m.family}): {m.input_size}x{m.input_size} RGB input, conv filters \
@@ -526,17 +536,17 @@ Data root `{test.splits.root}`: `train/` trains ({counts['train']} files); `val/
 {len(test.decoded['test'].labels)} decoded, {len(test.decoded['test'].skipped)} skipped).
 
 ## How it was chosen
-The sweep's trials were ranked by validation accuracy; its {len(summaries)} best distinct configurations were \
-retrained with {cfg.best.seeds} seed(s) each ({', '.join(str(r.seed) for r in winner.runs)}); the winner has the \
-highest mean validation accuracy (sample standard deviation over seeds). The test split was evaluated once, \
-for the exported model only.
+The sweep's trials were ranked by validation accuracy; its {len(summaries)} best distinct configurations \
+were retrained with {cfg.best.seeds} seed(s) each ({', '.join(str(r.seed) for r in winner.runs)}); the \
+winner has the highest mean validation accuracy (sample standard deviation over seeds). The test split was \
+evaluated once, for the exported model only.
 
 | sweep rank | trial | sweep val acc (1 seed) | val acc mean ± std | seeds | hyperparameters | winner |
 |---|---|---|---|---|---|---|
 {rows}
 ## Results
-- Validation accuracy of the winner: **{winner.mean:.4f} ± {winner.std:.4f}** over {len(winner.runs)} seed(s); \
-the exported seed: {chosen_run.val_accuracy:.4f}.
+- Validation accuracy of the winner: **{winner.mean:.4f} ± {winner.std:.4f}** over {len(winner.runs)} \
+seed(s); the exported seed: {chosen_run.val_accuracy:.4f}.
 - Test accuracy (evaluated once): **{test_accuracy:.4f}** (test loss {test_loss:.4f}).
 
 | model | test accuracy |

@@ -242,6 +242,18 @@ class PredictConfig:
     predict: PredictSettings = field(default_factory=PredictSettings)
 
 
+@dataclass
+class UiSettings:
+    host: str = "127.0.0.1"
+    port: int = 5000
+
+
+@dataclass
+class UiConfig:
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    ui: UiSettings = field(default_factory=UiSettings)
+
+
 def register_configs() -> None:
     """Register the schemas under the names the YAML defaults lists use."""
     cs = ConfigStore.instance()
@@ -253,6 +265,7 @@ def register_configs() -> None:
     cs.store(group="schema", name="sweep", node=SweepConfig)
     cs.store(group="schema", name="best", node=BestConfig)
     cs.store(group="schema", name="predict", node=PredictConfig)
+    cs.store(group="schema", name="ui", node=UiConfig)
 
 
 def check(cfg: Any) -> None:

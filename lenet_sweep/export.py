@@ -102,7 +102,8 @@ def saved_model(model: keras.Model, path: Path) -> None:
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint("serve", lambda images: model(images, training=False),
-                         input_signature=[tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, "images")])
+                         input_signature=[tf.TensorSpec((None, *model.input_shape[1:]), tf.float32,
+                                                        "images")])
     archive.write_out(str(path), verbose=False)
 
 
@@ -153,7 +154,8 @@ def load(folder: str | os.PathLike | None) -> Export:
                         "(lenet_sweep loads models with Keras safe_mode and never runs code from a file)"
                         ) from None
     if tuple(model.input_shape[1:]) != (size, size, 3) or model.output_shape[-1] != len(classes):
-        raise UserError(f"{folder}: the model takes {model.input_shape[1:]} and gives {model.output_shape[-1]} "
+        raise UserError(f"{folder}: the model takes {model.input_shape[1:]} and gives "
+                        f"{model.output_shape[-1]} "
                         f"scores, but {PREPROCESSING} says {size}x{size}x3 and {LABELS} lists {len(classes)} "
                         "classes: the export's files do not belong together")
     return Export(folder, model, classes, names, prep)
@@ -170,7 +172,8 @@ def images_for(paths: Sequence[Path], prep: dict[str, Any]) -> tuple[np.ndarray,
         except D.DECODE_ERRORS as err:
             failed.append((path, f"{type(err).__name__}: {err}"))
             continue
-        resized = D.resize(rgb, int(prep["input_size"]), prep["resize"]["method"], prep["resize"]["antialias"])
+        resized = D.resize(rgb, int(prep["input_size"]), prep["resize"]["method"],
+                           prep["resize"]["antialias"])
         images.append(resized.astype(np.float32) / np.float32(prep["divide_by"]))
         kept.append(path)
     size = int(prep["input_size"])

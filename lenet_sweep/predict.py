@@ -1,4 +1,5 @@
-"""Classify files and folders with an export: `python -m lenet_sweep.predict export.dir=DIR images=PATH[,PATH...]`.
+"""Classify files and folders with an export:
+`python -m lenet_sweep.predict export.dir=DIR images=PATH[,PATH...]`.
 
 Each file is decoded and resized exactly as training decoded its images (export.images_for). Files that
 cannot be read are reported and skipped; the model is loaded with Keras safe_mode (export.load).
@@ -86,7 +87,8 @@ def run(cfg: DictConfig) -> list[Prediction]:
         raise UserError("predict.top_k and predict.batch_size must be at least 1")
     output: Optional[Path] = Path(cfg.predict.output).expanduser() if cfg.predict.output else None
     if output is not None and output.is_dir():
-        raise UserError(f"predict.output={str(output)!r} is a folder: give a file name such as predictions.csv")
+        raise UserError(f"predict.output={str(output)!r} is a folder: give a file name such as "
+                        "predictions.csv")
     exported = export.load(cfg.export.dir)
     files, missing = find_images(list(cfg.images))
     predictions = [Prediction(path, [], why) for path, why in missing]

@@ -23,23 +23,14 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from lenet_sweep import cache, export
+from lenet_sweep import cache, export, plots
 from lenet_sweep import data as D
-from lenet_sweep import plots
 from lenet_sweep.cli import guarded
 from lenet_sweep.config import check, register_configs
 from lenet_sweep.errors import UserError
 from lenet_sweep.models import create_model
-from lenet_sweep.tracking import (
-    MlflowEpochLogger,
-    experiment_id,
-    flatten,
-    loggable_config,
-    package_versions,
-    redact,
-    resolve_store,
-    tracked_run,
-)
+from lenet_sweep.store import experiment_id, redact, resolve_store
+from lenet_sweep.tracking import MlflowEpochLogger, flatten, loggable_config, package_versions, tracked_run
 
 Progress = Callable[[str], None]
 

@@ -16,7 +16,7 @@ from PIL import Image
 from test_sweep import compose_sweep, overrides, runs_of
 from test_train import run_cli
 
-from lenet_sweep import best, export, predict, sweep
+from lenet_sweep import best, export, sweep
 from lenet_sweep import data as D
 from lenet_sweep.config import register_configs
 from lenet_sweep.errors import UserError
@@ -61,8 +61,8 @@ def swept(swapped, tmp_path_factory):
 def test_best_command_chooses_on_validation_tests_once_exports_and_registers(swept, swapped, tmp_path):
     store, _ = swept
     out = tmp_path / "export dir"  # a space in the path, as typed
-    result = run_cli(["lenet_sweep.best", "sweep.name=s", f"mlflow.tracking_uri={store}", "mlflow.experiment=sweep",
-                      f"export.dir={out}"])
+    result = run_cli(["lenet_sweep.best", "sweep.name=s", f"mlflow.tracking_uri={store}",
+                      "mlflow.experiment=sweep", f"export.dir={out}"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "winner: trial" in result.stdout and "evaluated once" in result.stdout
 
@@ -93,7 +93,8 @@ def test_best_command_chooses_on_validation_tests_once_exports_and_registers(swe
     for r in retrains:
         model = best.load_run_model(client, r.info.run_id)
         predicted = np.argmax(model.predict(test_split.images / np.float32(255), verbose=0), axis=1)
-        on_test.setdefault(r.data.tags["lenet_sweep.trial_id"], []).append(np.mean(predicted == test_split.labels))
+        trial = r.data.tags["lenet_sweep.trial_id"]
+        on_test.setdefault(trial, []).append(np.mean(predicted == test_split.labels))
     assert max(on_test, key=lambda t: np.mean(on_test[t])) != winner
     # the test split was evaluated once, on the best run, for the exported retraining
     assert best_run.data.metrics["test_accuracy"] == pytest.approx(
@@ -101,14 +102,16 @@ def test_best_command_chooses_on_validation_tests_once_exports_and_registers(swe
                         .index(best_run.data.tags["lenet_sweep.winner_run_id"])])
 
     # the export: every file, and it predicts exactly what the trained model predicts
-    assert {p.name for p in out.iterdir()} == {"model.keras", "saved_model", "labels.json", "preprocessing.json",
-                                               "config.yaml", "MODEL_CARD.md"}
+    assert {p.name for p in out.iterdir()} == {"model.keras", "saved_model", "labels.json",
+                                               "preprocessing.json", "config.yaml", "MODEL_CARD.md"}
     labels = json.loads((out / "labels.json").read_text())["labels"]
-    assert [(e["class"], e["name"]) for e in labels] == [("n01440764", "tench"), ("n02102040", "English springer")]
+    assert [(e["class"], e["name"]) for e in labels] == [("n01440764", "tench"),
+                                                         ("n02102040", "English springer")]
     assert json.loads((out / "preprocessing.json").read_text())["input_size"] == 32
     card = (out / "MODEL_CARD.md").read_text()
     assert f"{best_run.data.metrics['test_accuracy']:.4f}" in card and "0.5136" in card and "0.6321" in card
-    assert f"{best_run.data.metrics['val_accuracy_mean']:.4f} ± {best_run.data.metrics['val_accuracy_std']:.4f}" in card
+    m = best_run.data.metrics
+    assert f"{m['val_accuracy_mean']:.4f} ± {m['val_accuracy_std']:.4f}" in card
     trained = best.load_run_model(client, best_run.data.tags["lenet_sweep.winner_run_id"])
     loaded = export.load(out)
     files = [swapped / "val" / CLASSES[0] / "img_000.JPEG", swapped / "val" / CLASSES[1] / "img_001.JPEG"]
@@ -166,7 +169,8 @@ def test_predict_classifies_files_and_folders_and_skips_what_it_cannot_read(swep
     pixels, _, _ = export.images_for([single], loaded.preprocessing)
     assert rows[3]["class_1"] == loaded.classes[int(np.argmax(loaded.model.predict(pixels, verbose=0)))]
 
-    nothing = run_cli(["lenet_sweep.predict", f"export.dir={tmp_path / 'exp'}", f"images={photos / 'broken.jpg'}"])
+    nothing = run_cli(["lenet_sweep.predict", f"export.dir={tmp_path / 'exp'}",
+                       f"images={photos / 'broken.jpg'}"])
     assert nothing.returncode != 0 and "no image could be classified" in nothing.stderr
     missing = run_cli(["lenet_sweep.predict", f"export.dir={tmp_path / 'nowhere'}", f"images={single}"])
     assert missing.returncode != 0 and "lacks model.keras" in missing.stderr
@@ -245,7 +249,8 @@ def test_an_export_folder_with_other_files_is_never_replaced(tmp_path):
 def test_a_trials_recorded_params_rebuild_its_config():
     params = {"data.root": "/data/1e5", "data.class_names.a.b": "x", "model.filters": "[32, 64]",
               "model.dropout": "0.25", "model.conv_layers": "None", "train.keras_verbose": "0",
-              "optimizer.name": "Adam", "optimizer.beta_1": "0.8", "seed": "3", "lr": "0.001", "optimizer": "adam",
+              "optimizer.name": "Adam", "optimizer.beta_1": "0.8", "seed": "3", "lr": "0.001",
+              "optimizer": "adam",
               "tuner/epochs": "9"}
     cfg = best.recorded_config(params)
     assert cfg.data.root == "/data/1e5" and cfg.data.class_names == {"a.b": "x"}

@@ -194,7 +194,7 @@ def test_reproduce_refuses_a_bad_override_before_training_anything(image_folder,
 
 
 def test_passwords_in_the_tracking_uri_are_not_logged():
-    from lenet_sweep.tracking import redact
+    from lenet_sweep.store import redact
 
     assert redact("postgresql://me:s3cret@db:5432/mlflow") == "postgresql://me:***@db:5432/mlflow"
     assert redact("https://tracking.example/path") == "https://tracking.example/path"
