@@ -230,6 +230,28 @@ def retrain(candidate: Candidate, cfg: DictConfig, prepared: PreparedData, exper
                       float("nan") if result.diverged else score, epoch, result.seconds, result.model)
 
 
+class DataCache:
+    """Decoded splits by data config, input size and splits: candidates of one sweep share them."""
+
+    def __init__(self, progress: Optional[Progress] = None):
+        self.progress = progress
+        self._cache: dict[tuple[str, int, tuple[str, ...]], PreparedData] = {}
+
+    def get(self, cfg: DictConfig, splits: tuple[str, ...]) -> PreparedData:
+        key = (OmegaConf.to_yaml(cfg.data), cfg.model.input_size, splits)
+        if key not in self._cache:
+            self._cache[key] = prepare_data(cfg.data, cfg.model.input_size, cfg.seed, self.progress,
+                                            splits=splits)
+        return self._cache[key]
+
+
+def kept(candidate: Candidate, seed: int, run) -> Retraining:
+    """A retraining finished by a cut-off session, from its MLflow run (its model stays there)."""
+    m = run.data.metrics
+    return Retraining(candidate, seed, run.info.run_id, "FINISHED", m["best_val_accuracy"],
+                      int(m["best_epoch"]))
+
+
 def reusable(client: MlflowClient, experiment_id: str, best_run_id: str) -> dict[tuple[str, int], Any]:
     """Finished retrainings of a cut-off `best` run, by (trial id, seed); runs left RUNNING end KILLED."""
     done = {}
@@ -356,14 +378,7 @@ def run_best(cfg: DictConfig, overrides: Sequence[str] = (),
         + (f"; resuming best run {previous.info.run_id}" if previous else ""))
 
     started = time.perf_counter()
-    prepared: dict[tuple[str, int], PreparedData] = {}
-
-    def data_for(trial_cfg: DictConfig, splits: tuple[str, ...]) -> PreparedData:
-        key = (OmegaConf.to_yaml(trial_cfg.data), trial_cfg.model.input_size, splits)
-        if key not in prepared:
-            prepared[key] = prepare_data(trial_cfg.data, trial_cfg.model.input_size, trial_cfg.seed, say,
-                                         splits=splits)
-        return prepared[key]
+    data = DataCache(say)
 
     with tracked_run(experiment_id=experiment_id, run_id=previous.info.run_id if previous else None,
                      run_name=None if previous else f"best-{cfg.sweep.name}",
@@ -377,24 +392,20 @@ def run_best(cfg: DictConfig, overrides: Sequence[str] = (),
         for candidate in chosen:
             summary = Summary(candidate)
             for seed in seeds:
+                name = f"trial {candidate.trial_id} (sweep rank {candidate.rank}) seed {seed}"
                 if (candidate.trial_id, seed) in done:
-                    run = done[(candidate.trial_id, seed)]
-                    summary.runs.append(Retraining(candidate, seed, run.info.run_id, "FINISHED",
-                                                   run.data.metrics["best_val_accuracy"],
-                                                   int(run.data.metrics["best_epoch"])))
-                    say(f"trial {candidate.trial_id} (sweep rank {candidate.rank}) seed {seed}: "
-                        f"val_accuracy {summary.runs[-1].val_accuracy:.4f} (kept from the cut-off session)")
+                    summary.runs.append(kept(candidate, seed, done[(candidate.trial_id, seed)]))
+                    say(f"{name}: val_accuracy {summary.runs[-1].val_accuracy:.4f} (kept from the cut-off "
+                        "session)")
                     continue
                 trial_cfg = retraining_config(candidate, cfg, overridden, seed)
-                say(f"trial {candidate.trial_id} (sweep rank {candidate.rank}) seed {seed}: training up to "
-                    f"{trial_cfg.train.epochs} epochs")
-                r = retrain(candidate, trial_cfg, data_for(trial_cfg, ("train", "val")), experiment_id,
+                say(f"{name}: training up to {trial_cfg.train.epochs} epochs")
+                r = retrain(candidate, trial_cfg, data.get(trial_cfg, ("train", "val")), experiment_id,
                             best_id, patience, print_fn)
                 summary.runs.append(r)
                 outcome = f"val_accuracy {r.val_accuracy:.4f} at epoch {r.best_epoch}" \
                     if r.status == "FINISHED" else "FAILED (diverged)"
-                say(f"trial {candidate.trial_id} (sweep rank {candidate.rank}) seed {seed}: {outcome}, "
-                    f"{r.seconds:.0f}s, elapsed {_clock(time.perf_counter() - started)}")
+                say(f"{name}: {outcome}, {r.seconds:.0f}s, elapsed {_clock(time.perf_counter() - started)}")
             summaries.append(summary)
         winner, chosen_run = choose(summaries)
         say("configurations by mean validation accuracy over seeds (* = winner):\n"
@@ -404,7 +415,7 @@ def run_best(cfg: DictConfig, overrides: Sequence[str] = (),
         # The test split, once, for the winner only.
         final_cfg = retraining_config(winner.candidate, cfg, overridden, chosen_run.seed)
         model = chosen_run.model or load_run_model(client, chosen_run.run_id)
-        test = data_for(final_cfg, ("test",))
+        test = data.get(final_cfg, ("test",))
         split = test.decoded["test"]
         test_loss, test_accuracy, confusion = evaluate_on_test(model, split, final_cfg.train.batch_size,
                                                                len(test.splits.classes))
@@ -430,9 +441,8 @@ def run_best(cfg: DictConfig, overrides: Sequence[str] = (),
         if version:
             say(f"registered as version {version} of {cfg.export.registered_model!r}"
                 + (f" (alias {cfg.export.alias!r})" if cfg.export.alias else ""))
-        for tag in ("failure_reason",):  # from the session this one resumed
-            if previous and tag in previous.data.tags:
-                client.delete_tag(best_id, tag)
+        if previous and "failure_reason" in previous.data.tags:  # from the session this one resumed
+            client.delete_tag(best_id, "failure_reason")
     return BestResult(best_id, summaries, winner, chosen_run, test_loss, test_accuracy, target, version,
                       previous is not None, time.perf_counter() - started)
 

@@ -14,6 +14,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The decode cache of every test (and of the CLI processes they start) in a folder of this session's,
 # never the user's ~/.cache.
 os.environ["LENET_SWEEP_CACHE"] = tempfile.mkdtemp(prefix="lenet_sweep-test-cache-")
+# Tests use temporary stores only, never the store (or server) the user's shell points MLflow at.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "imagenette"

@@ -26,7 +26,9 @@ ARTIFACTS = {
 
 
 def run_cli(args: list[str], cwd: Path = REPO) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    # mlflow.set_tracking_uri (earlier tests, in this process) exports MLFLOW_TRACKING_URI, which the
+    # commands read as the store to use: each command here gets only the store its arguments name.
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"TF_CPP_MIN_LOG_LEVEL": "2"}
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)
 
