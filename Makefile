@@ -34,8 +34,7 @@ sweep: install
 
 # The MLflow UI on the project's store (mlruns/, or MLFLOW_TRACKING_URI) at http://127.0.0.1:$(PORT) (5000).
 ui: install
-	$(PY) -m lenet_sweep.ui $(if $(MLFLOW_TRACKING_URI),'mlflow.tracking_uri=$(MLFLOW_TRACKING_URI)') \
-		$(if $(PORT),ui.port=$(PORT)) $(ARGS)
+	$(PY) -m lenet_sweep.ui $(ARGS)  # conf/ui.yaml reads PORT and MLFLOW_TRACKING_URI (env or make's)
 
 reproduce: install
 	$(PY) -m lenet_sweep.reproduce $(if $(DATA),'data.root="$(DATA)"') $(ARGS)

@@ -11,7 +11,6 @@ are kept).
 from __future__ import annotations
 
 import ast
-import importlib.metadata
 import tempfile
 import time
 import typing
@@ -25,12 +24,12 @@ import mlflow
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lenet_sweep import cli, export, sweep
+from lenet_sweep import data as D
 from lenet_sweep.config import AdamConfig, SGDConfig, TrainConfig, register_configs
 from lenet_sweep.errors import UserError
 from lenet_sweep.tracking import end_killed, loggable_config, package_versions, tracked_run
@@ -51,6 +50,9 @@ CONFIG_GROUPS = ("data", "model", "optimizer", "train")  # what a trial records 
 OPTIMIZER_SCHEMAS = {"SGD": SGDConfig, "Adam": AdamConfig}
 # Knobs of the machine that runs `best`, not of the trial: taken from this command's config.
 LOCAL_KNOBS = ("data.decode_cache", "data.decode_threads", "train.keras_verbose")
+# Where the data lives may change on the command line (data moved); nothing that changes the split or the
+# training may: the candidates are retrained as their trials were, on the validation split the sweep used.
+DATA_LOCATION = ("data.root", "data.url", "data.checksum", "data.cache_dir")
 
 
 # ---- candidates --------------------------------------------------------------------------------
@@ -133,9 +135,7 @@ def candidates(client: MlflowClient, experiment_id: str, parent, top_k: int) -> 
     (3, 9, 25 epochs...); it counts once, with its best-scoring trial and that trial's epochs.
     """
     dimensions = [d for d in parent.data.params.get("search.dimensions", "").split(",") if d]
-    latest: dict[str, Any] = {}
-    for run in sweep.trial_runs(client, experiment_id, parent.info.run_id):
-        latest[run.data.tags.get("lenet_sweep.trial_id", run.info.run_id)] = run
+    latest = sweep.latest_attempts(client, experiment_id, parent.info.run_id)
     finished = [(trial_id, run) for trial_id, run in latest.items()
                 if run.info.status == "FINISHED" and f"best_{OBJECTIVE}" in run.data.metrics]
     if not finished:
@@ -175,9 +175,16 @@ def retraining_config(candidate: Candidate, cfg: DictConfig, overridden: Sequenc
 
 
 def overridden_keys(overrides: Sequence[str]) -> list[str]:
-    """The data.* and train.* keys the command line sets (they replace the trials' recorded values)."""
+    """The DATA_LOCATION keys the command line sets; a UserError for keys that would change what the
+    candidates train on or how (the split, the model, the optimizer, the training loop)."""
     keys = [o.key_or_group for o in OverridesParser.create().parse_overrides(list(overrides))]
-    return [k for k in keys if k.split(".")[0] in ("data", "train") and k not in LOCAL_KNOBS]
+    refused = [k for k in keys if (k == "seed" or k.split(".")[0] in CONFIG_GROUPS)
+               and k not in DATA_LOCATION and k not in LOCAL_KNOBS]
+    if refused:
+        raise UserError(f"{', '.join(refused)}: best retrains the sweep's configurations as their trials "
+                        "recorded them, on the sweep's validation split; only where the data lives may "
+                        f"change ({', '.join(DATA_LOCATION)})")
+    return [k for k in keys if k in DATA_LOCATION]
 
 
 # ---- retraining --------------------------------------------------------------------------------
@@ -203,6 +210,24 @@ def best_epoch(history: list[dict[str, float]]) -> tuple[int, float]:
     return best + 1, float(scores[best])
 
 
+class BestEpochMetrics(keras.callbacks.Callback):
+    """Logs best_val_accuracy, best_val_loss and best_epoch (the sweep's score) to the run in progress when
+    training ends: inside the run, so no retraining ends FINISHED without its score."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: list[dict[str, float]] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.rows.append({k: float(v) for k, v in (logs or {}).items()})
+
+    def on_train_end(self, logs=None):
+        epoch, score = best_epoch(self.rows)
+        if np.isfinite(score):
+            mlflow.log_metrics({"best_val_accuracy": score, "best_epoch": epoch,
+                                "best_val_loss": self.rows[epoch - 1].get("val_loss", float("nan"))})
+
+
 def retrain(candidate: Candidate, cfg: DictConfig, prepared: PreparedData, experiment_id: str,
             best_run_id: str, patience: Optional[int], print_fn: Optional[Progress] = None) -> Retraining:
     """Train `candidate` once with `cfg.seed`, as a run nested under the `best` run; no test split."""
@@ -214,35 +239,13 @@ def retrain(candidate: Candidate, cfg: DictConfig, prepared: PreparedData, exper
                                               restore_best_weights=True)
     result = train_and_log(cfg, prepared, experiment_id, parent_run_id=best_run_id,
                            run_name=f"trial-{candidate.trial_id}-seed{cfg.seed}", print_fn=print_fn,
-                           test=False,
-                           callbacks=[*stop, keep_best],
+                           test=False, callbacks=[*stop, keep_best, BestEpochMetrics()],
                            tags={"lenet_sweep.kind": "retrain", "lenet_sweep.trial_id": candidate.trial_id,
                                  "lenet_sweep.seed": cfg.seed, "lenet_sweep.candidate": candidate.rank})
     epoch, score = best_epoch(result.history)
     status = "FAILED" if result.diverged else "FINISHED"
-    if not result.diverged:
-        row = result.history[epoch - 1]
-        MlflowClient(mlflow.get_tracking_uri()).log_batch(result.run_id, metrics=[
-            Metric(f"best_{k}", v, int(time.time() * 1000), 0)
-            for k, v in {"val_accuracy": score, "val_loss": row.get("val_loss", float("nan")),
-                         "epoch": epoch}.items()])
     return Retraining(candidate, cfg.seed, result.run_id, status,
                       float("nan") if result.diverged else score, epoch, result.seconds, result.model)
-
-
-class DataCache:
-    """Decoded splits by data config, input size and splits: candidates of one sweep share them."""
-
-    def __init__(self, progress: Optional[Progress] = None):
-        self.progress = progress
-        self._cache: dict[tuple[str, int, tuple[str, ...]], PreparedData] = {}
-
-    def get(self, cfg: DictConfig, splits: tuple[str, ...]) -> PreparedData:
-        key = (OmegaConf.to_yaml(cfg.data), cfg.model.input_size, splits)
-        if key not in self._cache:
-            self._cache[key] = prepare_data(cfg.data, cfg.model.input_size, cfg.seed, self.progress,
-                                            splits=splits)
-        return self._cache[key]
 
 
 def kept(candidate: Candidate, seed: int, run) -> Retraining:
@@ -339,46 +342,61 @@ class BestResult:
     seconds: float
 
 
-def _previous_best(client: MlflowClient, experiment_id: str, sweep_run_id: str, settings: dict[str, Any]):
-    """The latest `best` run of this sweep if it was cut off with the same settings (to resume), else None."""
+def sweep_patience(params: Mapping[str, str]) -> Optional[int]:
+    """The sweep's early-stopping patience from its parent run's params (None: it never stopped early)."""
+    recorded = params.get("sweep.early_stopping_patience", "None")
+    return None if recorded == "None" else int(recorded)
+
+
+def latest_best(client: MlflowClient, experiment_id: str, sweep_run_id: str):
+    """The latest `best` run of a sweep, or None."""
     runs = client.search_runs([experiment_id], f"tags.`lenet_sweep.kind` = 'best' and "
                               f"tags.`lenet_sweep.sweep_run_id` = '{sweep_run_id}'",
                               order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs or runs[0].info.status == "FINISHED":
-        return None
-    same = all(runs[0].data.params.get(k) == str(v) for k, v in settings.items())
-    return runs[0] if same else None
+    return runs[0] if runs else None
 
 
-def run_best(cfg: DictConfig, overrides: Sequence[str] = (),
+def run_best(cfg: DictConfig, overridden: Sequence[str] = (),
              print_fn: Optional[Progress] = None) -> BestResult:
-    """Choose, confirm, test once, export and register the winner of sweep `cfg.sweep.name`."""
+    """Choose, confirm, test once, export and register the winner of sweep `cfg.sweep.name`.
+
+    `overridden`: the DATA_LOCATION keys the command line set (see `overridden_keys`).
+    """
     say = print_fn or (lambda _: None)
     for knob, value, least in (("best.top_k", cfg.best.top_k, 1), ("best.seeds", cfg.best.seeds, 1),
                                ("best.first_seed", cfg.best.first_seed, 0)):
         if value < least:
             raise UserError(f"{knob}={value}: must be at least {least}")
-    target = export.check_target(cfg.export.dir, cfg.export.overwrite)
-    overridden = overridden_keys(overrides)
     experiment_id = open_store(cfg.mlflow, create=False)
     client = MlflowClient(mlflow.get_tracking_uri())
     parent = find_sweep(client, experiment_id, cfg.sweep.name, cfg.mlflow.experiment)
     if parent.info.status == "RUNNING":
         say(f"note: sweep {cfg.sweep.name!r} is still RUNNING (or was cut off): ranking the trials it has")
     chosen = candidates(client, experiment_id, parent, cfg.best.top_k)
-    patience = sweep._number(parent.data.params.get("sweep.early_stopping_patience", "None"))
+    patience = sweep_patience(parent.data.params)
     seeds = [cfg.best.first_seed + i for i in range(cfg.best.seeds)]
     settings = {"sweep.run_id": parent.info.run_id, "best.top_k": cfg.best.top_k,
                 "best.seeds": cfg.best.seeds, "best.first_seed": cfg.best.first_seed,
                 "best.candidates": ",".join(c.trial_id for c in chosen),
                 "best.overrides": ",".join(f"{k}={OmegaConf.select(cfg, k)}" for k in overridden)}
-    previous = _previous_best(client, experiment_id, parent.info.run_id, settings)
+    latest = latest_best(client, experiment_id, parent.info.run_id)
+    resumable = latest is not None and latest.info.status != "FINISHED" and all(
+        latest.data.params.get(k) == str(v) for k, v in settings.items())
+    previous = latest if resumable else None
+    # A resumed run may have exported already: its own export may be replaced.
+    ours = previous is not None and bool(cfg.export.dir) and previous.data.tags.get(
+        "lenet_sweep.export_dir") == str(Path(cfg.export.dir).expanduser().resolve())
+    target = export.check_target(cfg.export.dir, cfg.export.overwrite or ours)
+    if latest is not None and previous is None and latest.info.status == "RUNNING":
+        reusable(client, experiment_id, latest.info.run_id)  # closes its cut-off retrainings KILLED
+        end_killed(client, latest.info.run_id, "cut off, then `best` started afresh with other settings")
     say(f"sweep {cfg.sweep.name!r} (MLflow run {parent.info.run_id}): retraining its {len(chosen)} best "
         f"configuration(s) by validation accuracy with seeds {seeds}"
         + (f"; resuming best run {previous.info.run_id}" if previous else ""))
 
     started = time.perf_counter()
-    data = DataCache(say)
+    # Train and val splits per data config (one unless the search varies data.*), kept as the sweep does.
+    trial_data: dict[str, sweep.TrialData] = {}
 
     with tracked_run(experiment_id=experiment_id, run_id=previous.info.run_id if previous else None,
                      run_name=None if previous else f"best-{cfg.sweep.name}",
@@ -400,8 +418,10 @@ def run_best(cfg: DictConfig, overrides: Sequence[str] = (),
                     continue
                 trial_cfg = retraining_config(candidate, cfg, overridden, seed)
                 say(f"{name}: training up to {trial_cfg.train.epochs} epochs")
-                r = retrain(candidate, trial_cfg, data.get(trial_cfg, ("train", "val")), experiment_id,
-                            best_id, patience, print_fn)
+                data = trial_data.setdefault(OmegaConf.to_yaml(trial_cfg.data),
+                                             sweep.TrialData(trial_cfg.data, trial_cfg.seed, say))
+                r = retrain(candidate, trial_cfg, data.at(trial_cfg.model.input_size), experiment_id, best_id,
+                            patience, print_fn)
                 summary.runs.append(r)
                 outcome = f"val_accuracy {r.val_accuracy:.4f} at epoch {r.best_epoch}" \
                     if r.status == "FINISHED" else "FAILED (diverged)"
@@ -415,7 +435,7 @@ def run_best(cfg: DictConfig, overrides: Sequence[str] = (),
         # The test split, once, for the winner only.
         final_cfg = retraining_config(winner.candidate, cfg, overridden, chosen_run.seed)
         model = chosen_run.model or load_run_model(client, chosen_run.run_id)
-        test = data.get(final_cfg, ("test",))
+        test = prepare_data(final_cfg.data, final_cfg.model.input_size, final_cfg.seed, say, splits=("test",))
         split = test.decoded["test"]
         test_loss, test_accuracy, confusion = evaluate_on_test(model, split, final_cfg.train.batch_size,
                                                                len(test.splits.classes))
@@ -432,12 +452,16 @@ def run_best(cfg: DictConfig, overrides: Sequence[str] = (),
         prep = export.preprocessing(final_cfg.model.input_size, final_cfg.data.interpolation,
                                     final_cfg.data.antialias)
         card = model_card(cfg, final_cfg, test, summaries, winner, chosen_run, test_accuracy, test_loss,
-                          parent.info.run_id, best_id)
+                          parent.info.run_id, best_id, patience)
         mlflow.log_text(card, export.CARD)
         export.write(target, model, config_yaml, export.labels(test.splits.classes, test.names), prep, card)
         mlflow.set_tag("lenet_sweep.export_dir", str(target))
         say(f"exported to {target}")
-        version = register(cfg, model, prep, best_id, winner, test_accuracy)
+        version = previous.data.tags.get("lenet_sweep.registered_version") if previous else None
+        if version is None:  # (a resumed run that registered already does not register twice)
+            version = register(cfg, model, prep, best_id, winner, test_accuracy)
+            if version:
+                mlflow.set_tag("lenet_sweep.registered_version", version)
         if version:
             say(f"registered as version {version} of {cfg.export.registered_model!r}"
                 + (f" (alias {cfg.export.alias!r})" if cfg.export.alias else ""))
@@ -463,8 +487,6 @@ def _log_choice(summaries: list[Summary], winner: Summary, chosen_run: Retrainin
 
 def _log_predictions(model: keras.Model, split, classes: Sequence[str], batch_size: int) -> None:
     """Every test image's prediction (for the report's confusions and misclassified grid)."""
-    from lenet_sweep import data as D
-
     scores = model.predict(D.make_dataset(split, batch_size, shuffle=False), verbose=0)
     predicted = np.argmax(scores, axis=1)
     rows = [[path, classes[label], classes[p], f"{scores[i, p]:.6f}", int(label == p)]
@@ -474,14 +496,11 @@ def _log_predictions(model: keras.Model, split, classes: Sequence[str], batch_si
 
 
 def _requirements() -> list[str]:
-    """The winner's serving requirements: the versions it was trained with (no inference subprocess)."""
-    pins = []
-    for name in ("tensorflow-cpu", "tensorflow", "keras", "mlflow", "numpy", "pillow"):
-        try:
-            pins.append(f"{name}=={importlib.metadata.version(name)}")
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return pins
+    """The winner's serving requirements: the versions it was trained with (MLflow would otherwise infer
+    them by loading the model in a subprocess)."""
+    versions = package_versions()
+    served = ("tensorflow-cpu", "tensorflow", "keras", "mlflow", "numpy", "pillow")
+    return [f"{name}=={versions[name]}" for name in served if name in versions]
 
 
 def register(cfg: DictConfig, model: keras.Model, prep: dict[str, Any], best_run_id: str, winner: Summary,
@@ -513,8 +532,9 @@ def register(cfg: DictConfig, model: keras.Model, prep: dict[str, Any], best_run
 
 def model_card(cfg: DictConfig, final_cfg: DictConfig, test: PreparedData, summaries: list[Summary],
                winner: Summary, chosen_run: Retraining, test_accuracy: float, test_loss: float,
-               sweep_run_id: str, best_run_id: str) -> str:
+               sweep_run_id: str, best_run_id: str, patience: Optional[int]) -> str:
     """MODEL_CARD.md: every number in it comes from this run."""
+    stopping = f", stopped early after {patience} epochs without a lower validation loss" if patience else ""
     counts = {split: len(files.paths) for split, files in test.splits.files.items()}
     m, o = final_cfg.model, final_cfg.optimizer
     rows = "".join(f"| {s.candidate.rank} | {s.candidate.trial_id} | {s.candidate.sweep_val_accuracy:.4f} | "
@@ -534,8 +554,8 @@ def model_card(cfg: DictConfig, final_cfg: DictConfig, test: PreparedData, summa
 {list(m.filters)[:m.conv_layers or len(m.filters)]} ({m.kernel_sizes[0]}x{m.kernel_sizes[0]}, {m.padding}, \
 {m.pooling} pooling), dense {list(m.dense)}, {m.output_activation} output, batch norm {m.batch_norm}, \
 dropout {m.dropout}, flip {m.augment_flip}, shift {m.augment_shift}. Optimizer {o.name}, learning rate \
-{o.learning_rate:.4g}; batch {final_cfg.train.batch_size}; up to {final_cfg.train.epochs} epochs with early \
-stopping on validation loss; weights of the best validation-accuracy epoch (epoch {chosen_run.best_epoch}).
+{o.learning_rate:.4g}; batch {final_cfg.train.batch_size}; up to {final_cfg.train.epochs} epochs{stopping}; \
+weights of the best validation-accuracy epoch (epoch {chosen_run.best_epoch}).
 Trained with seed {chosen_run.seed}. Config: `config.yaml`; preprocessing: `preprocessing.json`.
 
 ## Data and split
@@ -578,7 +598,7 @@ def run(cfg: DictConfig, overrides: Sequence[str]) -> BestResult:
     import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")
-    result = run_best(cfg, overrides, print)
+    result = run_best(cfg, overridden_keys(overrides), print)
     print(f"best: {len(result.summaries)} configuration(s) x {cfg.best.seeds} seed(s) in "
           f"{_clock(result.seconds)}; MLflow run {result.run_id} in {mlflow.get_tracking_uri()}")
     return result

@@ -47,7 +47,8 @@ def quote_path_overrides(keys: tuple[str, ...] = (), list_keys: tuple[str, ...] 
     """
     for i, arg in enumerate(sys.argv[1:], start=1):
         key, sep, value = arg.partition("=")
-        if not sep or not value or value[0] in "'\"" or (value[0] == "[" and value[-1] == "]"):
+        if (not sep or not value or value[0] in "'\"" or (value[0] == "[" and value[-1] == "]")
+                or value == "null" or value.startswith("${")):
             continue
         if key in list_keys:
             sys.argv[i] = f"{key}=[{','.join(_quoted(v) for v in value.split(',') if v)}]"

@@ -236,8 +236,13 @@ class PredictSettings:
 
 
 @dataclass
+class ExportFolder:
+    dir: Optional[str] = None
+
+
+@dataclass
 class PredictConfig:
-    export: ExportSettings = field(default_factory=ExportSettings)
+    export: ExportFolder = field(default_factory=ExportFolder)
     images: List[str] = field(default_factory=list)
     predict: PredictSettings = field(default_factory=PredictSettings)
 

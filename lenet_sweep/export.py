@@ -29,6 +29,7 @@ from lenet_sweep.errors import UserError
 
 MODEL, SAVED_MODEL, LABELS, PREPROCESSING, CONFIG, CARD = (
     "model.keras", "saved_model/1", "labels.json", "preprocessing.json", "config.yaml", "MODEL_CARD.md")
+TOP_LEVEL = {MODEL, SAVED_MODEL.split("/")[0], LABELS, PREPROCESSING, CONFIG, CARD}  # all an export holds
 
 
 def preprocessing(input_size: int, interpolation: str, antialias: bool) -> dict[str, Any]:
@@ -48,7 +49,7 @@ def labels(classes: Sequence[str], names: Sequence[str]) -> dict[str, Any]:
 def check_target(folder: str | os.PathLike | None, overwrite: bool) -> Path:
     """The export folder, checked before any work: new or empty, or an earlier export with `overwrite`.
 
-    A folder holding anything but an export is never replaced, whatever `overwrite` says.
+    A folder holding anything but an export's own files is never replaced, whatever `overwrite` says.
     """
     if not folder:
         raise UserError("export.dir is not set: give export.dir=DIR, a new or empty folder for the model")
@@ -56,9 +57,11 @@ def check_target(folder: str | os.PathLike | None, overwrite: bool) -> Path:
     if target.exists() and not target.is_dir():
         raise UserError(f"export.dir={str(target)!r} is a file: give a folder")
     if target.is_dir() and any(target.iterdir()):
-        if not (target / MODEL).is_file() or not (target / LABELS).is_file():
-            raise UserError(f"export.dir={str(target)!r} holds files that are not a lenet_sweep export: "
-                            "choose a new or empty folder (nothing there was touched)")
+        others = sorted(p.name for p in target.iterdir() if p.name not in TOP_LEVEL)
+        if others or not (target / MODEL).is_file():
+            raise UserError(f"export.dir={str(target)!r} holds files that are not a lenet_sweep export "
+                            f"({', '.join(others[:3]) or 'no model.keras'}): choose a new or empty folder "
+                            "(nothing there was touched)")
         if not overwrite:
             raise UserError(f"export.dir={str(target)!r} already holds an export: give export.overwrite=true "
                             "to replace it, or choose another folder")
@@ -141,12 +144,19 @@ def load(folder: str | os.PathLike | None) -> Export:
     prep = _json(folder / PREPROCESSING)
     try:
         entries = sorted(table["labels"], key=lambda e: e["index"])
-        classes, names = [e["class"] for e in entries], [e["name"] for e in entries]
+        classes, names = [str(e["class"]) for e in entries], [str(e["name"]) for e in entries]
         size = int(prep["input_size"])
-        float(prep["divide_by"]), prep["resize"]["method"]
+        checks = {"label indices are 0..N-1": [e["index"] for e in entries] == list(range(len(entries))),
+                  "divide_by is positive": float(prep["divide_by"]) > 0,
+                  "resize.method is a tf.image.resize method": prep["resize"]["method"] in D.INTERPOLATIONS,
+                  "resize.antialias is true or false": isinstance(prep["resize"]["antialias"], bool)}
     except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"{folder / LABELS} or {folder / PREPROCESSING} is not what lenet_sweep.best writes "
-                        f"(missing {err}): export the model again") from None
+                        f"(missing or bad {err}): export the model again") from None
+    broken = [what for what, ok in checks.items() if not ok]
+    if broken:
+        raise UserError(f"{folder}: {LABELS} or {PREPROCESSING} is inconsistent (expected: "
+                        f"{'; '.join(broken)}): export the model again")
     try:
         model = keras.saving.load_model(folder / MODEL, compile=False, safe_mode=True)
     except Exception as err:  # Keras raises ValueError, TypeError, OSError... naming the layer at fault

@@ -100,7 +100,11 @@ def run(cfg: DictConfig) -> list[Prediction]:
             print(f"{p.path}: " + ", ".join(f"{name} {score:.3f}" for _, name, score in p.top))
     k = min(cfg.predict.top_k, len(exported.classes))
     if output is not None:
-        write_csv(predictions, output, k)
+        try:
+            write_csv(predictions, output, k)
+        except OSError as err:
+            raise UserError(f"predict.output={str(output)!r} cannot be written ({err.strerror}): give a "
+                            "writable file; the predictions are printed above") from None
         print(f"wrote {output}")
     done = sum(not p.error for p in predictions)
     print(f"{done} image(s) classified, {len(predictions) - done} skipped")

@@ -454,6 +454,12 @@ def trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> 
             return runs
 
 
+def latest_attempts(client: MlflowClient, experiment_id: str, parent_run_id: str) -> dict[str, Any]:
+    """Each trial's latest attempt (its MLflow run), by trial id."""
+    return {run.data.tags.get("lenet_sweep.trial_id", run.info.run_id): run
+            for run in trial_runs(client, experiment_id, parent_run_id)}
+
+
 def mark_cut_off_trials(client: MlflowClient, experiment_id: str, parent_run_id: str) -> int:
     """End every child run still RUNNING (its process died) KILLED, with the reason; return how many."""
     cut = [run for run in trial_runs(client, experiment_id, parent_run_id) if run.info.status == "RUNNING"]
@@ -647,9 +653,7 @@ def _number(text: Optional[str]) -> Any:
 def summarise(client: MlflowClient, experiment_id: str, parent_run_id: str, space: Mapping[str, Any],
               tuner_kind: str) -> list[dict[str, Any]]:
     """One row per trial (its latest attempt) from what MLflow holds, best validation score first."""
-    latest: dict[str, Any] = {}
-    for run in trial_runs(client, experiment_id, parent_run_id):
-        latest[run.data.tags.get("lenet_sweep.trial_id", run.info.run_id)] = run
+    latest = latest_attempts(client, experiment_id, parent_run_id)
     names = [*space, *(["tuner/epochs"] if tuner_kind == "hyperband" else [])]
     rows = []
     for trial_id, run in latest.items():

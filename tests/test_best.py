@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import keras
@@ -16,7 +17,7 @@ from PIL import Image
 from test_sweep import compose_sweep, overrides, runs_of
 from test_train import run_cli
 
-from lenet_sweep import best, export, sweep
+from lenet_sweep import best, cli, export, sweep
 from lenet_sweep import data as D
 from lenet_sweep.config import register_configs
 from lenet_sweep.errors import UserError
@@ -203,23 +204,37 @@ def test_a_cut_off_best_resumes_keeping_finished_retrainings(swept, tmp_path, mo
     real = best.train_and_log
     calls = []
 
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
+    class CtrlC(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
+
+    def interrupted(*args, callbacks=(), **kwargs):  # Ctrl-C in the first epoch of the second retraining
+        calls.append(1)
+        return real(*args, callbacks=[*callbacks, *([CtrlC()] if len(calls) == 2 else [])], **kwargs)
 
     monkeypatch.setattr(best, "train_and_log", interrupted)
     with pytest.raises(KeyboardInterrupt):
         best.run_best(cfg)
     monkeypatch.setattr(best, "train_and_log", real)
-    cut = [r for r in runs_of(store, "best") if r.info.status == "KILLED"]
-    assert len(cut) == 1 and not (tmp_path / "exp").exists()
+    client = MlflowClient(store)
+    (cut,) = [r for r in runs_of(store, "best") if r.info.status == "KILLED"]
+    assert not (tmp_path / "exp").exists()
+    # ... and a retraining a SIGKILL left RUNNING (no Python to end it)
+    orphan = client.create_run(cut.info.experiment_id, run_name="orphan", tags={
+        "mlflow.parentRunId": cut.info.run_id, "lenet_sweep.kind": "retrain", "lenet_sweep.trial_id": "x",
+        "lenet_sweep.seed": "1000"}).info.run_id
     result = best.run_best(cfg)
-    assert result.resumed and result.run_id == cut[0].info.run_id
-    children = [r for r in runs_of(store, "retrain") if r.data.tags["mlflow.parentRunId"] == result.run_id]
-    assert len(children) == 2  # the finished retraining kept, the cut-off one trained in the second session
-    assert MlflowClient(store).get_run(result.run_id).info.status == "FINISHED"
+    assert result.resumed and result.run_id == cut.info.run_id
+    children = {r.info.run_id: r for r in runs_of(store, "retrain")
+                if r.data.tags["mlflow.parentRunId"] == result.run_id}
+    statuses = sorted(r.info.status for r in children.values())
+    assert statuses == ["FINISHED", "FINISHED", "KILLED", "KILLED"]  # kept, retrained; Ctrl-C'd, orphan
+    assert "cut off" in client.get_run(orphan).data.tags["failure_reason"]
+    finished = [r for r in children.values() if r.info.status == "FINISHED"]
+    first = min(finished, key=lambda r: r.info.start_time)
+    assert first.info.start_time < cut.info.end_time  # trained in the first session, kept, not retrained
+    assert all("best_val_accuracy" in r.data.metrics for r in finished)
+    assert client.get_run(result.run_id).info.status == "FINISHED"
     assert (tmp_path / "exp" / "model.keras").is_file()
     assert str(MlflowClient(store).get_model_version_by_alias("other", "champion").version) == "1"
 
@@ -228,6 +243,8 @@ def test_a_cut_off_best_resumes_keeping_finished_retrainings(swept, tmp_path, mo
     (["sweep.name=nope"], "no sweep named 'nope'"),
     (["mlflow.experiment=nope"], "no MLflow experiment 'nope'"),
     (["best.seeds=0"], "best.seeds=0: must be at least 1"),
+    (["data.test_fraction=0.5"], "only where the data lives may change"),  # another split: test leaks
+    (["model.dropout=0"], "best retrains the sweep's configurations as their trials recorded them"),
 ])
 def test_bad_requests_are_refused_before_anything_is_recorded(more, message, swept, tmp_path):
     store, _ = swept
@@ -239,11 +256,35 @@ def test_bad_requests_are_refused_before_anything_is_recorded(more, message, swe
 
 
 def test_an_export_folder_with_other_files_is_never_replaced(tmp_path):
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
     with pytest.raises(UserError, match="not a lenet_sweep export"):
-        export.check_target(tmp_path / "mine", overwrite=True)
-    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+        export.check_target(mine, overwrite=True)
+    for name in ("model.keras", "labels.json"):  # an export, plus the user's predictions beside it
+        (mine / name).write_text("{}")
+    (mine / "thesis.tex").rename(mine / "predictions.csv")
+    with pytest.raises(UserError, match="predictions.csv"):
+        export.check_target(mine, overwrite=True)
+    (mine / "predictions.csv").unlink()
+    assert export.check_target(mine, overwrite=True) == mine.resolve()  # an export alone may be replaced
+    with pytest.raises(UserError, match="export.overwrite=true"):
+        export.check_target(mine, overwrite=False)
+
+
+def test_paths_as_typed_get_through_hydra(monkeypatch):
+    argv = ["prog", "images=a b.jpg,c (1).png", "export.dir=/my exports/x", "predict.output=null",
+            "export.dir=${oc.env:HOME}", "images=['q.jpg']", "other=a,b"]
+    monkeypatch.setattr(sys, "argv", list(argv))
+    cli.quote_path_overrides(("export.dir", "predict.output"), ("images",))
+    assert sys.argv == ["prog", "images=['a b.jpg','c (1).png']", "export.dir='/my exports/x'",
+                        "predict.output=null", "export.dir=${oc.env:HOME}", "images=['q.jpg']", "other=a,b"]
+
+
+def test_the_sweeps_early_stopping_is_the_retrainings():
+    assert best.sweep_patience({"sweep.early_stopping_patience": "3"}) == 3
+    assert best.sweep_patience({"sweep.early_stopping_patience": "None"}) is None  # null: never stop early
+    assert best.sweep_patience({}) is None
 
 
 def test_a_trials_recorded_params_rebuild_its_config():
