@@ -437,12 +437,12 @@ def run_best(cfg: DictConfig, overridden: Sequence[str] = (),
         model = chosen_run.model or load_run_model(client, chosen_run.run_id)
         test = prepare_data(final_cfg.data, final_cfg.model.input_size, final_cfg.seed, say, splits=("test",))
         split = test.decoded["test"]
-        test_loss, test_accuracy, confusion = evaluate_on_test(model, split, final_cfg.train.batch_size,
-                                                               len(test.splits.classes))
+        tested = evaluate_on_test(model, split, final_cfg.train.batch_size, len(test.splits.classes))
+        test_loss, test_accuracy = tested.loss, tested.accuracy
         mlflow.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy})
         title = f"test confusion: trial {winner.candidate.trial_id}, seed {chosen_run.seed}"
-        log_confusion(confusion, test.splits.classes, test.names, title)
-        _log_predictions(model, split, test.splits.classes, final_cfg.train.batch_size)
+        log_confusion(tested.confusion, test.splits.classes, test.names, title)
+        _log_predictions(tested.scores, split, test.splits.classes)
         say(f"winner: trial {winner.candidate.trial_id} (sweep rank {winner.candidate.rank}), "
             f"val_accuracy {winner.mean:.4f} ± {winner.std:.4f} over {len(winner.runs)} seed(s); "
             f"seed {chosen_run.seed} exported; test_accuracy {test_accuracy:.4f} on {len(split.labels)} "
@@ -485,9 +485,8 @@ def _log_choice(summaries: list[Summary], winner: Summary, chosen_run: Retrainin
                      "lenet_sweep.winner_seed": chosen_run.seed})
 
 
-def _log_predictions(model: keras.Model, split, classes: Sequence[str], batch_size: int) -> None:
+def _log_predictions(scores: np.ndarray, split: D.DecodedSplit, classes: Sequence[str]) -> None:
     """Every test image's prediction (for the report's confusions and misclassified grid)."""
-    scores = model.predict(D.make_dataset(split, batch_size, shuffle=False), verbose=0)
     predicted = np.argmax(scores, axis=1)
     rows = [[path, classes[label], classes[p], f"{scores[i, p]:.6f}", int(label == p)]
             for i, (path, label, p) in enumerate(zip(split.paths, split.labels, predicted))]

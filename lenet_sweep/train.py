@@ -221,8 +221,8 @@ def train_and_log(cfg: DictConfig, prepared: PreparedData, experiment: str,
 
         test_loss = test_accuracy = confusion = None
         if test:
-            test_loss, test_accuracy, confusion = evaluate_on_test(model, dec["test"], cfg.train.batch_size,
-                                                                   num_classes)
+            tested = evaluate_on_test(model, dec["test"], cfg.train.batch_size, num_classes)
+            test_loss, test_accuracy, confusion = tested.loss, tested.accuracy, tested.confusion
             mlflow.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy})
         tp = plots.turning_point(history)
         diverged = any(not math.isfinite(row.get("loss", 0.0)) for row in history)
@@ -235,15 +235,22 @@ def train_and_log(cfg: DictConfig, prepared: PreparedData, experiment: str,
     return RunResult(run_id, history, test_loss, test_accuracy, tp, confusion, seconds, diverged, model)
 
 
+@dataclass
+class TestEvaluation:
+    loss: float              # exactly as Keras computes val_loss
+    accuracy: float          # exactly as Keras computes val_accuracy
+    scores: np.ndarray       # the model's outputs, one row per image of the split
+    confusion: np.ndarray
+
+
 def evaluate_on_test(model: keras.Model, split: D.DecodedSplit, batch_size: int,
-                     num_classes: int) -> tuple[float, float, np.ndarray]:
-    """(loss, accuracy, confusion matrix) on the test split: loss and accuracy exactly as Keras computes
-    val_loss and val_accuracy."""
+                     num_classes: int) -> TestEvaluation:
+    """The model on the test split: Keras' loss and accuracy, and every image's scores."""
     ds = D.make_dataset(split, batch_size, shuffle=False)
     result = model.evaluate(ds, verbose=0, return_dict=True)
-    predicted = np.argmax(model.predict(ds, verbose=0), axis=1)
-    return (float(result["loss"]), float(result["accuracy"]),
-            plots.confusion_matrix(split.labels, predicted, num_classes))
+    scores = model.predict(ds, verbose=0)
+    return TestEvaluation(float(result["loss"]), float(result["accuracy"]), scores,
+                          plots.confusion_matrix(split.labels, np.argmax(scores, axis=1), num_classes))
 
 
 def _log_inputs(cfg: DictConfig, config_yaml: str, prepared: PreparedData) -> None:
