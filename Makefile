@@ -8,7 +8,7 @@ TF_EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev
 DATA ?= $(wildcard ../shared/datasets/imagenette)
 ARGS ?=
 
-.PHONY: install browser test sweep ui reproduce bench clean
+.PHONY: install browser test sweep report ui reproduce bench clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ test: install browser
 # The default sweep (conf/sweep.yaml): KerasTuner over conf/search/default.yaml, every trial in MLflow.
 sweep: install
 	$(PY) -m lenet_sweep.sweep $(if $(DATA),'data.root="$(DATA)"') $(ARGS)
+
+# The sweep report (conf/report.yaml) of the latest sweep in the store: reports/<sweep>/report.{md,html}.
+report: install
+	$(PY) -m lenet_sweep.report $(ARGS)
 
 # The MLflow UI on the project's store (mlruns/, or MLFLOW_TRACKING_URI) at http://127.0.0.1:$(PORT) (5000).
 ui: install

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from lenet_sweep import data as D
-from lenet_sweep import sweep
+from lenet_sweep import store, sweep
 from lenet_sweep.cli import guarded
 from lenet_sweep.errors import UserError
 from lenet_sweep.train import open_store, prepare_data
@@ -48,7 +48,7 @@ def best_on_test(cfg: DictConfig, overrides: list[str]) -> None:
           f"tuner/epochs={best.hyperparameters.values.get('tuner/epochs', trial_cfg.train.epochs)}")
     experiment = open_store(cfg.mlflow)
     client = MlflowClient(mlflow.get_tracking_uri())
-    parent = sweep.find_sweep_run(client, experiment, cfg.sweep.name, project)
+    parent = store.find_sweep_run(client, experiment, cfg.sweep.name, project)
     if parent is not None:
         client.log_metric(parent.info.run_id, "best_trial_test_accuracy", result["accuracy"])
         client.set_tag(parent.info.run_id, "best_trial_on_test", best.trial_id)

@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lenet_sweep import cli, export, sweep
+from lenet_sweep import cli, export, store, sweep
 from lenet_sweep import data as D
 from lenet_sweep.config import AdamConfig, SGDConfig, TrainConfig, register_configs
 from lenet_sweep.errors import UserError
@@ -117,17 +117,6 @@ def recorded_config(params: Mapping[str, str]) -> DictConfig:
                         f"{str(err).splitlines()[0]}") from None
 
 
-def find_sweep(client: MlflowClient, experiment_id: str, name: str, experiment: str):
-    """The sweep's latest parent run, or a UserError listing the sweeps there are."""
-    parent = sweep.find_sweep_run(client, experiment_id, name)
-    if parent is None:
-        runs = client.search_runs([experiment_id], "tags.`lenet_sweep.kind` = 'sweep'", max_results=200)
-        known = sorted({r.data.tags.get("lenet_sweep.sweep", "?") for r in runs})
-        raise UserError(f"no sweep named {name!r} in MLflow experiment {experiment!r} (sweeps there: "
-                        f"{', '.join(known) or 'none'}): give sweep.name=NAME of a sweep you ran")
-    return parent
-
-
 def candidates(client: MlflowClient, experiment_id: str, parent, top_k: int) -> list[Candidate]:
     """The sweep's `top_k` best distinct configurations by validation accuracy (never test).
 
@@ -135,7 +124,7 @@ def candidates(client: MlflowClient, experiment_id: str, parent, top_k: int) -> 
     (3, 9, 25 epochs...); it counts once, with its best-scoring trial and that trial's epochs.
     """
     dimensions = [d for d in parent.data.params.get("search.dimensions", "").split(",") if d]
-    latest = sweep.latest_attempts(client, experiment_id, parent.info.run_id)
+    latest = store.latest_attempts(client, experiment_id, parent.info.run_id)
     finished = [(trial_id, run) for trial_id, run in latest.items()
                 if run.info.status == "FINISHED" and f"best_{OBJECTIVE}" in run.data.metrics]
     if not finished:
@@ -152,7 +141,7 @@ def candidates(client: MlflowClient, experiment_id: str, parent, top_k: int) -> 
             continue
         seen.add(key)
         chosen.append(Candidate(rank, trial_id, run.info.run_id, run.data.metrics[f"best_{OBJECTIVE}"],
-                                {k: sweep._number(v) for k, v in values.items()},
+                                {k: store.number(v) for k, v in values.items()},
                                 recorded_config(run.data.params)))
         if len(chosen) == top_k:
             break
@@ -258,7 +247,7 @@ def kept(candidate: Candidate, seed: int, run) -> Retraining:
 def reusable(client: MlflowClient, experiment_id: str, best_run_id: str) -> dict[tuple[str, int], Any]:
     """Finished retrainings of a cut-off `best` run, by (trial id, seed); runs left RUNNING end KILLED."""
     done = {}
-    for run in sweep.trial_runs(client, experiment_id, best_run_id):
+    for run in store.trial_runs(client, experiment_id, best_run_id):
         if run.info.status == "RUNNING":
             end_killed(client, run.info.run_id, "cut off: `best` stopped before this retraining ended; "
                        "the resumed `best` trains it again")
@@ -369,7 +358,7 @@ def run_best(cfg: DictConfig, overridden: Sequence[str] = (),
             raise UserError(f"{knob}={value}: must be at least {least}")
     experiment_id = open_store(cfg.mlflow, create=False)
     client = MlflowClient(mlflow.get_tracking_uri())
-    parent = find_sweep(client, experiment_id, cfg.sweep.name, cfg.mlflow.experiment)
+    parent = store.find_sweep(client, experiment_id, cfg.sweep.name, cfg.mlflow.experiment)
     if parent.info.status == "RUNNING":
         say(f"note: sweep {cfg.sweep.name!r} is still RUNNING (or was cut off): ranking the trials it has")
     chosen = candidates(client, experiment_id, parent, cfg.best.top_k)

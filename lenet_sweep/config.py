@@ -115,6 +115,7 @@ class StudyRun:
     optimizer: str = "sgd"
     test_accuracy: float = 0.0
     epochs: Optional[int] = None
+    overfits_after: Optional[int] = None  # the study's epoch where validation loss turns up
 
 
 @dataclass
@@ -248,6 +249,29 @@ class PredictConfig:
 
 
 @dataclass
+class SweepName:
+    name: Optional[str] = None
+
+
+@dataclass
+class ReportSettings:
+    dir: Optional[str] = None
+    top_trials: int = 3
+    chance_margin: float = 0.05
+    epochs: List[int] = field(default_factory=lambda: [5, 10, 25])
+    confused_pairs: int = 5
+    misclassified: int = 16
+    grid_columns: int = 4
+    study_packages: Dict[str, Optional[str]] = field(default_factory=dict)
+
+
+@dataclass
+class ReportConfig(ReproduceConfig):
+    sweep: SweepName = field(default_factory=SweepName)
+    report: ReportSettings = field(default_factory=ReportSettings)
+
+
+@dataclass
 class UiSettings:
     host: str = "127.0.0.1"
     port: int = 5000
@@ -271,6 +295,7 @@ def register_configs() -> None:
     cs.store(group="schema", name="best", node=BestConfig)
     cs.store(group="schema", name="predict", node=PredictConfig)
     cs.store(group="schema", name="ui", node=UiConfig)
+    cs.store(group="schema", name="report", node=ReportConfig)
 
 
 def check(cfg: Any) -> None:

@@ -193,3 +193,28 @@ def confusion_figure(matrix: np.ndarray, names: Sequence[str], title: str) -> Fi
     fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
     fig.tight_layout()
     return fig
+
+
+def turning_points(families: dict[str, Sequence[int]], title: str) -> Figure:
+    """How many runs' validation loss turned up at each epoch, one panel per model family."""
+    from matplotlib.ticker import MaxNLocator
+
+    names = list(families) or ["(no runs)"]
+    last = max((max(v) for v in families.values() if len(v)), default=1)
+    fig = Figure(figsize=(6, 2.2 * len(names) + 0.6), dpi=90)
+    axes = np.atleast_1d(fig.subplots(len(names), 1, squeeze=False)).ravel()
+    for ax, name in zip(axes, names):
+        epochs = np.asarray(families.get(name, []), dtype=int)
+        if len(epochs):
+            values, counts = np.unique(epochs, return_counts=True)
+            ax.bar(values, counts, width=0.8)
+        ax.set_xlim(0.5, last + 0.5)  # one epoch axis for every family, so they compare by eye
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"{name} (n={len(epochs)})", fontsize=9)
+        ax.set_xlabel("epoch of minimum validation loss")
+        ax.set_ylabel("runs")
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

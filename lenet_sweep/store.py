@@ -1,10 +1,13 @@
-"""Where runs go: the MLflow store and experiment a config names. Light (no TensorFlow), for `ui` too."""
+"""Where runs go and how commands that read find them again: the MLflow store, the experiment, a sweep's
+parent run and its trials. Light (no TensorFlow), for `ui` and `report` too."""
 from __future__ import annotations
 
+import os
 import urllib.parse
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
+import mlflow
 from mlflow.tracking import MlflowClient
 
 from lenet_sweep.errors import UserError
@@ -50,3 +53,86 @@ def redact(uri: Optional[str]) -> Optional[str]:
         return uri
     netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def open_store(mlflow_cfg: Any, create: bool = True) -> str:
+    """Point MLflow at the configured store; return the experiment's id (created if new, unless
+    `create` is False: then a missing store or experiment is an error, for commands that read)."""
+    if not create:
+        where = mlflow_cfg.tracking_uri or f"sqlite:///{Path(mlflow_cfg.store_dir).expanduser().resolve()}/mlflow.db"
+        if where.startswith("sqlite:///") and not Path(where[len("sqlite:///"):]).is_file():
+            raise UserError(f"no MLflow store at {where}: give the sweep's mlflow.tracking_uri "
+                            "(or mlflow.store_dir), or run the sweep first")
+    uri, artifact_location = resolve_store(mlflow_cfg.tracking_uri, mlflow_cfg.store_dir)
+    if urllib.parse.urlsplit(uri).scheme in ("", "file"):
+        # MLflow 3 refuses its file store unless asked; a user who names one has asked.
+        os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    if not create and client.get_experiment_by_name(mlflow_cfg.experiment) is None:
+        known = ", ".join(e.name for e in client.search_experiments()) or "none"
+        raise UserError(f"no MLflow experiment {mlflow_cfg.experiment!r} in {redact(uri)} (experiments "
+                        f"there: {known}): give the sweep's mlflow.experiment")
+    return experiment_id(client, mlflow_cfg.experiment, artifact_location)
+
+
+def find_sweep_run(client: MlflowClient, experiment_id: str, name: str, state: Optional[Path] = None):
+    """The latest parent run of sweep `name` in the experiment (kept in `state`, if given), or None."""
+    query = f"tags.`lenet_sweep.kind` = 'sweep' and tags.`lenet_sweep.sweep` = '{quote(name)}'"
+    if state is not None:
+        query += f" and params.`sweep.state_dir` = '{quote(str(state))}'"
+    runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def find_sweep(client: MlflowClient, experiment_id: str, name: Optional[str], experiment: str):
+    """Sweep `name`'s latest parent run (name None: the latest sweep of any name), or a UserError listing
+    the sweeps there are."""
+    if name is not None:
+        parent = find_sweep_run(client, experiment_id, name)
+    else:
+        runs = client.search_runs([experiment_id], "tags.`lenet_sweep.kind` = 'sweep'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        parent = runs[0] if runs else None
+    if parent is None:
+        runs = client.search_runs([experiment_id], "tags.`lenet_sweep.kind` = 'sweep'", max_results=200)
+        known = sorted({r.data.tags.get("lenet_sweep.sweep", "?") for r in runs})
+        wanted = f"no sweep named {name!r}" if name is not None else "no sweep"
+        raise UserError(f"{wanted} in MLflow experiment {experiment!r} (sweeps there: "
+                        f"{', '.join(known) or 'none'}): give sweep.name=NAME of a sweep you ran")
+    return parent
+
+
+def trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list:
+    """Every child run of a sweep, oldest first."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+                                  order_by=["attributes.start_time ASC"], max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def latest_attempts(client: MlflowClient, experiment_id: str, parent_run_id: str) -> dict[str, Any]:
+    """Each trial's latest attempt (its MLflow run), by trial id."""
+    return {run.data.tags.get("lenet_sweep.trial_id", run.info.run_id): run
+            for run in trial_runs(client, experiment_id, parent_run_id)}
+
+
+def quote(text: str) -> str:
+    """`text` as a string literal inside an MLflow search filter."""
+    return text.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def number(text: Optional[str]) -> Any:
+    """A param as MLflow holds it (text) back as the int, float or bool it was logged from."""
+    if text is None:
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"True": True, "False": False}.get(text, text)

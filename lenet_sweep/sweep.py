@@ -33,6 +33,7 @@ from lenet_sweep import plots
 from lenet_sweep.cli import guarded
 from lenet_sweep.config import HyperParameterSpec, check, register_configs
 from lenet_sweep.errors import UserError
+from lenet_sweep.store import find_sweep_run, latest_attempts, number, trial_runs
 from lenet_sweep.tracking import MlflowEpochLogger, end_killed, flatten, loggable_config, tracked_run
 from lenet_sweep.train import (
     PreparedData,
@@ -40,6 +41,7 @@ from lenet_sweep.train import (
     _csv,
     _log_figure,
     compile_model,
+    log_data_check,
     open_store,
     prepare_data,
 )
@@ -433,33 +435,6 @@ def diverged(histories: list) -> str:
     return ""
 
 
-def find_sweep_run(client: MlflowClient, experiment_id: str, name: str, state: Optional[Path] = None):
-    """The latest parent run of sweep `name` in the experiment (kept in `state`, if given), or None."""
-    query = f"tags.`lenet_sweep.kind` = 'sweep' and tags.`lenet_sweep.sweep` = '{_quote(name)}'"
-    if state is not None:
-        query += f" and params.`sweep.state_dir` = '{_quote(str(state))}'"
-    runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0] if runs else None
-
-
-def trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list:
-    """Every child run of a sweep, oldest first."""
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-                                  order_by=["attributes.start_time ASC"], max_results=1000, page_token=token)
-        runs += list(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def latest_attempts(client: MlflowClient, experiment_id: str, parent_run_id: str) -> dict[str, Any]:
-    """Each trial's latest attempt (its MLflow run), by trial id."""
-    return {run.data.tags.get("lenet_sweep.trial_id", run.info.run_id): run
-            for run in trial_runs(client, experiment_id, parent_run_id)}
-
-
 def mark_cut_off_trials(client: MlflowClient, experiment_id: str, parent_run_id: str) -> int:
     """End every child run still RUNNING (its process died) KILLED, with the reason; return how many."""
     cut = [run for run in trial_runs(client, experiment_id, parent_run_id) if run.info.status == "RUNNING"]
@@ -499,10 +474,6 @@ def one_line(text: str, limit: int = 300) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", text)
     text = " ".join(line.strip() for line in text.split("Arguments received")[0].splitlines() if line.strip())
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _quote(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("'", "\\'")
 
 
 def describe(values: Mapping[str, Any]) -> str:
@@ -618,6 +589,7 @@ def run_sweep(cfg: DictConfig, optimizers: Mapping[str, DictConfig],
                 print_fn(f"resuming sweep {cfg.sweep.name!r} from {project} (MLflow run {parent_id})")
         else:
             _log_sweep_inputs(cfg, space, project)
+            log_data_check(first, cfg.train.sample_grid, cfg.seed)  # for the report's data check
         project.mkdir(parents=True, exist_ok=True)  # KerasTuner creates it at its first save
         (project / STATE_FILE).write_text(json.dumps(state_fingerprint(cfg), indent=1))
         tuner.search(verbose=0)
@@ -639,17 +611,6 @@ def _log_sweep_inputs(cfg: DictConfig, space: Mapping[str, Any], project: Path) 
     mlflow.log_text(OmegaConf.to_yaml(resolved["search"]), "search_space.yaml")
 
 
-def _number(text: Optional[str]) -> Any:
-    if text is None:
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return {"True": True, "False": False}.get(text, text)
-
-
 def summarise(client: MlflowClient, experiment_id: str, parent_run_id: str, space: Mapping[str, Any],
               tuner_kind: str) -> list[dict[str, Any]]:
     """One row per trial (its latest attempt) from what MLflow holds, best validation score first."""
@@ -664,7 +625,7 @@ def summarise(client: MlflowClient, experiment_id: str, parent_run_id: str, spac
                "trial_seconds": m.get("trial_seconds"), "tracking_seconds": m.get("tracking_seconds"),
                "output_activation": p.get("model.output_activation"), "run_id": run.info.run_id,
                "failure_reason": run.data.tags.get("failure_reason", "")}
-        row |= {name: _number(p.get(name)) for name in names}
+        row |= {name: number(p.get(name)) for name in names}
         rows.append(row)
     ok = [r for r in rows if r["status"] == "FINISHED" and r["val_accuracy"] is not None]
     ok.sort(key=lambda r: -r["val_accuracy"])

@@ -11,7 +11,6 @@ import os
 import sys
 import tempfile
 import time
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -29,7 +28,7 @@ from lenet_sweep.cli import guarded
 from lenet_sweep.config import check, register_configs
 from lenet_sweep.errors import UserError
 from lenet_sweep.models import create_model
-from lenet_sweep.store import experiment_id, redact, resolve_store
+from lenet_sweep.store import open_store  # noqa: F401  (train.open_store: where runs go)
 from lenet_sweep.tracking import MlflowEpochLogger, flatten, loggable_config, package_versions, tracked_run
 
 Progress = Callable[[str], None]
@@ -256,6 +255,12 @@ def evaluate_on_test(model: keras.Model, split: D.DecodedSplit, batch_size: int,
 def _log_inputs(cfg: DictConfig, config_yaml: str, prepared: PreparedData) -> None:
     """The run's inputs: resolved config, split manifest, skipped files, package versions, samples."""
     mlflow.log_text(config_yaml, "config.yaml")
+    log_data_check(prepared, cfg.train.sample_grid, cfg.seed)
+
+
+def log_data_check(prepared: PreparedData, grid: int, seed: int) -> None:
+    """What the data was and what ran it: split manifest, skipped files, class counts per split (listed,
+    and decoded where decoded), package versions (the study's Table I), a grid x grid sample of images."""
     skipped = {(split, path) for split, path, _ in prepared.skipped}
     mlflow.log_text(_csv([(split, cls, path, "no" if (split, path) in skipped else "yes")
                           for split, cls, path in prepared.splits.manifest_rows()],
@@ -263,17 +268,19 @@ def _log_inputs(cfg: DictConfig, config_yaml: str, prepared: PreparedData) -> No
     mlflow.log_text(_csv(prepared.skipped, ("split", "path", "reason")), "data/skipped_files.csv")
     counts = {split: np.bincount(d.labels, minlength=len(prepared.names)).tolist()
               for split, d in prepared.decoded.items()}
+    listed = {split: np.bincount(f.labels, minlength=len(prepared.names)).tolist()
+              for split, f in prepared.splits.files.items()}
     mlflow.log_dict({"classes": prepared.splits.classes, "names": prepared.names, "counts": counts,
-                     "skipped": len(prepared.skipped)}, "data/summary.json")
+                     "listed": listed, "skipped": len(prepared.skipped)}, "data/summary.json")
     versions = package_versions()
     mlflow.log_dict(versions, "table_i_packages.json")
     mlflow.log_text("| package | version |\n|---|---|\n"
                     + "".join(f"| {k} | {v} |\n" for k, v in versions.items()), "table_i_packages.md")
     train = prepared.decoded["train"]
-    n = min(cfg.train.sample_grid ** 2, len(train.labels))
-    pick = np.random.default_rng(cfg.seed).choice(len(train.labels), n, replace=False)
+    n = min(grid ** 2, len(train.labels))
+    pick = np.random.default_rng(seed).choice(len(train.labels), n, replace=False)
     _log_figure(plots.image_grid(train.images[pick], [prepared.names[train.labels[i]] for i in pick],
-                                 cfg.train.sample_grid, "training images"), "plots/sample_images.png")
+                                 grid, "training images"), "plots/sample_images.png")
 
 
 def _log_outputs(cfg: DictConfig, config_yaml: str, prepared: PreparedData, model: keras.Model,
@@ -307,27 +314,6 @@ def log_confusion(confusion: np.ndarray, classes: Sequence[str], names: Sequence
     _log_figure(plots.confusion_figure(confusion, names, title), "plots/confusion_matrix.png")
     mlflow.log_dict({"classes": list(classes), "names": list(names), "matrix": confusion.tolist()},
                     "evaluation/confusion_matrix.json")
-
-
-def open_store(mlflow_cfg: DictConfig, create: bool = True) -> str:
-    """Point MLflow at the configured store; return the experiment's id (created if new, unless
-    `create` is False: then a missing store or experiment is an error, for commands that read)."""
-    if not create:
-        where = mlflow_cfg.tracking_uri or f"sqlite:///{Path(mlflow_cfg.store_dir).expanduser().resolve()}/mlflow.db"
-        if where.startswith("sqlite:///") and not Path(where[len("sqlite:///"):]).is_file():
-            raise UserError(f"no MLflow store at {where}: give the sweep's mlflow.tracking_uri "
-                            "(or mlflow.store_dir), or run the sweep first")
-    uri, artifact_location = resolve_store(mlflow_cfg.tracking_uri, mlflow_cfg.store_dir)
-    if urllib.parse.urlsplit(uri).scheme in ("", "file"):
-        # MLflow 3 refuses its file store unless asked; a user who names one has asked.
-        os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    if not create and client.get_experiment_by_name(mlflow_cfg.experiment) is None:
-        known = ", ".join(e.name for e in client.search_experiments()) or "none"
-        raise UserError(f"no MLflow experiment {mlflow_cfg.experiment!r} in {redact(uri)} (experiments "
-                        f"there: {known}): give the sweep's mlflow.experiment")
-    return experiment_id(client, mlflow_cfg.experiment, artifact_location)
 
 
 def default_run_name(cfg: DictConfig) -> str:

@@ -1,0 +1,351 @@
+"""The sweep report: built from a tiny sweep (with its `best` run and single runs), every section present,
+every number checked against what the store holds, computed here independently of lenet_sweep.report."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import CONF_DIR, make_image_folder
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from test_sweep import compose_sweep, overrides, runs_of
+from test_train import REPO, run_cli
+
+from lenet_sweep import best, report, store, sweep, train
+from lenet_sweep.config import register_configs
+from lenet_sweep.errors import UserError
+
+# Output activation (the study's question; ReLU collapses) and a dense width: four configurations.
+SPACE = {
+    "output_activation": {"key": "model.output_activation", "type": "choice", "values": ["softmax", "relu"]},
+    "dense_1": {"key": "model.dense.0", "type": "choice", "values": [8, 16]},
+}
+SECTIONS = (
+    "Answers in short",
+    "Table I: packages",
+    "Table II: test accuracy",
+    "Softmax or ReLU output?",
+    "More filters or more conv layers?",
+    "Other dense widths?",
+    "5, 10 or 25 epochs?",
+    "Where does overfitting start?",
+    "Learning curves of the best configurations",
+    "Validation accuracy against each hyperparameter",
+    "The winner over seeds",
+    "Test: confusion matrix and the most confused classes",
+    "Misclassified test images of the winner",
+    "Data check (representativeness)",
+    "Provenance",
+)
+
+
+def compose_report(more: list[str]):
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="report", overrides=more)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """A finished 4-trial sweep, its `best` run (2 configurations x 2 seeds) and two single LeNet-5 runs
+    (seeds 0 and 1) in one store: (store URI, data folder, tmp folder)."""
+    tmp = tmp_path_factory.mktemp("report")
+    data = make_image_folder(tmp / "data", n_train=16, n_val=10, size=36)  # messy: 2 files skipped
+    uri = f"sqlite:///{tmp / 'store' / 'mlflow.db'}"
+    cfg, optimizers = compose_sweep(
+        overrides(data, tmp, uri, "tuner=random", "tuner.max_trials=4", "train.epochs=4", name="r")
+    )
+    cfg.search.space = SPACE
+    result = sweep.run_sweep(cfg, optimizers)
+    assert len(result.rows) == 4
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        best_cfg = compose(
+            config_name="best",
+            overrides=[
+                "sweep.name=r",
+                f"mlflow.tracking_uri={uri}",
+                "mlflow.experiment=sweep",
+                "best.top_k=2",
+                "best.seeds=2",
+                f"export.dir={tmp / 'export'}",
+                "export.registered_model=null",
+            ],
+        )
+        best.run_best(best_cfg)
+        for seed in (0, 1):
+            train.run_one(
+                compose(
+                    config_name="train",
+                    overrides=[
+                        f"data.root={data}",
+                        f"mlflow.tracking_uri={uri}",
+                        "mlflow.experiment=sweep",
+                        "model=lenet5",
+                        "optimizer=sgd",
+                        f"seed={seed}",
+                        "train.epochs=3",
+                        "train.batch_size=8",
+                    ],
+                )
+            )
+    return uri, data, tmp
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[float]:
+    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_the_report_command_answers_each_question_with_numbers_from_the_store(swept, tmp_path):
+    uri, data, _ = swept
+    out = tmp_path / "my report"  # a space in the path, as typed
+    done = run_cli(
+        [
+            "lenet_sweep.report",
+            "sweep.name=r",
+            f"mlflow.tracking_uri={uri}",
+            "mlflow.experiment=sweep",
+            f"report.dir={out}",
+        ]
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    facts = json.loads((out / "report.json").read_text())
+    for section in SECTIONS:
+        assert f"## {section}" in md or f"# {section}" in md, section
+        assert f">{section.replace('&', '&amp;')}</h" in page, section
+    # self-contained: every figure of the Markdown is embedded in the HTML, nothing is fetched
+    figures = re.findall(r"\]\(figures/([^)]+)\)", md)
+    assert len(figures) >= 8 and all((out / "figures" / f).is_file() for f in figures)
+    assert page.count('src="data:image/png;base64,') == len(figures)
+    assert not re.search(r'(src|href)="(?!data:)', page)
+    for encoded, name in zip(re.findall(r'src="data:image/png;base64,([^"]+)"', page), figures):
+        png = base64.b64decode(encoded)
+        assert png == (out / "figures" / name).read_bytes()
+        assert Image.open(io.BytesIO(png)).size[0] > 100
+    # logged to the sweep's parent run, as written
+    client = MlflowClient(uri)
+    parent = store.find_sweep_run(client, client.get_experiment_by_name("sweep").experiment_id, "r")
+    for name in ("report.md", "report.html", "report.json"):
+        logged = client.download_artifacts(parent.info.run_id, f"report/{name}", str(tmp_path / "dl"))
+        assert Path(logged).read_bytes() == (out / name).read_bytes()
+
+    # ---- the numbers, recomputed from the store ----
+    trials = [r for r in runs_of(uri, "trial")]
+    classes = 3
+    threshold = 1 / classes + 0.05
+    by_config: dict[tuple, float] = {}
+    for t in trials:
+        key = (t.data.params["output_activation"], t.data.params["dense_1"])
+        by_config[key] = max(by_config.get(key, -1.0), t.data.metrics["best_val_accuracy"])
+    assert f"{len(trials)} trials ({len(trials)} finished" in md
+    for activation in ("relu", "softmax"):
+        scores = [v for (a, _), v in by_config.items() if a == activation]
+        if not scores:
+            continue
+        collapsed = sum(v < threshold for v in scores)
+        assert (
+            f"output_activation={activation}: {collapsed} of {len(scores)} "
+            f"({100 * collapsed / len(scores):.0f}%) sweep configurations collapsed"
+        ) in md
+        std = float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0
+        assert f"{np.mean(scores):.4f} ± {std:.4f} (n={len(scores)})" in md
+    working = {k: v for k, v in by_config.items() if v >= threshold}
+    for width in ("8", "16"):
+        scores = [v for (_, w), v in working.items() if w == width]
+        if scores:
+            std = float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0
+            n = len(scores)
+            assert f"| {width} | {n} | {n} | {np.mean(scores):.4f} ± {std:.4f} (n={n})" in md
+
+    # Table II: the two single LeNet-5 runs over their seeds, beside the study's 0.5136
+    singles = [r for r in runs_of(uri, "train") if r.data.params["model.name"] == "lenet5"]
+    tests = [r.data.metrics["test_accuracy"] for r in singles]
+    assert len(tests) == 2
+    assert (
+        f"| lenet5 | sgd | softmax | 0.5136 | {np.mean(tests):.4f} ± {np.std(tests, ddof=1):.4f} (n=2) "
+        "| 0 1 |"
+        in md
+    )
+    # the winner: its seeds' mean and its one test evaluation, from the best run
+    (best_run,) = runs_of(uri, "best")
+    m = best_run.data.metrics
+    assert (
+        f"winner: trial {best_run.data.tags['lenet_sweep.winner_trial']}, val accuracy "
+        f"{m['val_accuracy_mean']:.4f} ± {m['val_accuracy_std']:.4f} over 2 seeds; test accuracy "
+        f"{m['test_accuracy']:.4f} (evaluated once)"
+    ) in md
+    # confusion: the most confused pair and the per-class counts, from the best run's matrix
+    matrix_file = client.download_artifacts(
+        best_run.info.run_id, "evaluation/confusion_matrix.json", str(tmp_path / "cm")
+    )
+    recorded = json.loads(Path(matrix_file).read_text())
+    matrix, names = np.array(recorded["matrix"]), recorded["names"]
+    both = matrix + matrix.T
+    np.fill_diagonal(both, 0)
+    if both.max():
+        top = int(both.max())
+        assert any(
+            p["total"] == top and matrix[names.index(p["a"]), names.index(p["b"])] == p["a_as_b"]
+            for p in facts["confusion"]["pairs"][:1]
+        )
+        assert f"| {top} |" in md
+        assert "figures/misclassified.png" in md
+    for i, name in enumerate(names):
+        assert f"| {recorded['classes'][i]} | {name} | {int(matrix[i].sum())} | {int(matrix[i, i])} |" in md
+    # the data check: class counts per split as listed, and the two unreadable files left out
+    summary = json.loads(
+        Path(
+            client.download_artifacts(parent.info.run_id, "data/summary.json", str(tmp_path / "ds"))
+        ).read_text()
+    )
+    for i, cls in enumerate(summary["classes"]):
+        counts = " | ".join(str(summary["listed"][s][i]) for s in ("train", "val", "test"))
+        assert f"| {cls} | {summary['names'][i]} | {counts} |" in md
+    assert summary["skipped"] >= 2 and f"Files left out: {summary['skipped']}" in md
+
+    # turning points: every run's epoch of minimum validation loss, recomputed from the metric histories
+    def working_run(r) -> bool:
+        return max(_history(client, r.info.run_id, "val_accuracy")) >= threshold
+
+    runs = [
+        max(
+            (t for t in trials if (t.data.params["output_activation"], t.data.params["dense_1"]) == k),
+            key=lambda t: t.data.metrics["epochs_run"],
+        )
+        for k in working
+    ]
+    runs += [r for r in [*runs_of(uri, "retrain"), *singles] if working_run(r)]
+    turned = []
+    for r in runs:
+        losses = _history(client, r.info.run_id, "val_loss")
+        at = int(np.argmin(losses)) + 1
+        if at < len(losses):
+            turned.append(at)
+    assert sorted(e for f in facts["turning_points"] for e in f["epochs"]) == sorted(turned)
+    assert sum(f["runs"] for f in facts["turning_points"]) == len(runs)
+
+
+def test_the_epochs_question_counts_best_accuracy_within_each_budget(swept, tmp_path):
+    uri, _, _ = swept
+    cfg = compose_report(
+        [
+            "sweep.name=r",
+            f"mlflow.tracking_uri={uri}",
+            "mlflow.experiment=sweep",
+            f"report.dir={tmp_path}",
+            "report.epochs=[1,2,4]",
+        ]
+    )
+    facts = report.make_report(cfg).facts
+    client = MlflowClient(uri)
+    threshold = 1 / 3 + 0.05
+    reached: dict[int, list[float]] = {1: [], 2: [], 4: []}
+    for t in runs_of(uri, "trial"):
+        if t.data.metrics["best_val_accuracy"] < threshold:
+            continue
+        history = _history(client, t.info.run_id, "val_accuracy")
+        for k in reached:  # trained 4 epochs, or stopped early before k
+            if len(history) >= k or len(history) < 4:
+                reached[k].append(max(history[:k]))
+    for row in facts["epochs"]["budgets"]:
+        scores = reached[row["epochs"]]
+        assert row["score"]["n"] == len(scores)
+        if scores:
+            assert row["score"]["mean"] == pytest.approx(np.mean(scores))
+    seeds = facts["epochs"]["retrainings"]
+    assert len(seeds) == 2 and all(r["seeds"] == 2 for r in seeds)
+
+
+def test_make_report_reports_the_latest_sweep(swept, tmp_path):
+    uri, _, _ = swept
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {
+        "MLFLOW_TRACKING_URI": uri,
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+    done = subprocess.run(
+        ["make", "report", f"ARGS=mlflow.experiment=sweep report.dir={tmp_path / 'out'}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "report of sweep 'r'" in done.stdout and (tmp_path / "out" / "report.html").is_file()
+
+
+def test_the_latest_sweep_is_the_one_started_last(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("e")
+    for name, start in (("old", 1000), ("new", 2000), ("older", 500)):
+        client.create_run(
+            exp, start_time=start, tags={"lenet_sweep.kind": "sweep", "lenet_sweep.sweep": name}
+        )
+    assert store.find_sweep(client, exp, None, "e").data.tags["lenet_sweep.sweep"] == "new"
+    assert store.find_sweep(client, exp, "old", "e").data.tags["lenet_sweep.sweep"] == "old"
+    with pytest.raises(UserError, match=r"no sweep named 'nope'.*new, old, older"):
+        store.find_sweep(client, exp, "nope", "e")
+
+
+@pytest.mark.parametrize(
+    "more, message",
+    [
+        (["sweep.name=nope"], "no sweep named 'nope'"),
+        (["mlflow.experiment=missing"], "no MLflow experiment 'missing'"),
+        (["report.top_trials=-1"], "report.top_trials=-1"),
+        (["report.chance_margin=1.5"], "report.chance_margin"),
+    ],
+)
+def test_bad_requests_are_refused_with_a_clear_message(more, message, swept, tmp_path):
+    uri, _, _ = swept
+    cfg = compose_report(
+        [f"mlflow.tracking_uri={uri}", "mlflow.experiment=sweep", f"report.dir={tmp_path}", *more]
+    )
+    with pytest.raises(UserError, match=re.escape(message)):
+        report.make_report(cfg)
+
+
+def test_a_missing_store_and_a_file_as_report_dir_are_refused(swept, tmp_path):
+    uri, _, _ = swept
+    done = run_cli(
+        [
+            "lenet_sweep.report",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'none' / 'mlflow.db'}",
+            f"report.dir={tmp_path}",
+        ]
+    )
+    assert done.returncode != 0 and "no MLflow store" in done.stderr and "Traceback" not in done.stderr
+    file = tmp_path / "taken"
+    file.write_text("mine")
+    cfg = compose_report(
+        ["sweep.name=r", f"mlflow.tracking_uri={uri}", "mlflow.experiment=sweep", f"report.dir={file}"]
+    )
+    with pytest.raises(UserError, match="is a file"):
+        report.make_report(cfg)
+    assert file.read_text() == "mine"
+
+
+def test_statistics_and_rank_correlation():
+    s = report.stats([0.5, None, 0.7, math.nan])
+    assert (
+        s["n"] == 2
+        and s["mean"] == pytest.approx(0.6)
+        and s["std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+    )
+    assert report.stats([0.3])["std"] == 0.0 and report.stats([])["mean"] is None
+    assert report._spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert report._spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert report._spearman([1, 2], [1, 2]) is None
+    assert report.pm(report.stats([0.5, 0.7])) == f"0.6000 ± {np.std([0.5, 0.7], ddof=1):.4f} (n=2)"
