@@ -259,6 +259,7 @@ class ReportSettings:
     top_trials: int = 3
     chance_margin: float = 0.05
     epochs: List[int] = field(default_factory=lambda: [5, 10, 25])
+    turning_min_epochs: int = 9
     confused_pairs: int = 5
     misclassified: int = 16
     grid_columns: int = 4

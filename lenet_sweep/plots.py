@@ -43,14 +43,18 @@ def val_loss_vs_val_accuracy(history: Sequence[dict], title: str) -> Figure:
     return fig
 
 
-def trial_curves(history: Sequence[dict], title: str) -> Figure:
+def trial_curves(history: Sequence[dict], title: str, restarts: Sequence[int] = ()) -> Figure:
     """The study's four figures for one trial in one image: loss, magnified loss, accuracy, and
-    validation loss against validation accuracy (one image per trial keeps the logging cheap)."""
+    validation loss against validation accuracy (one image per trial keeps the logging cheap).
+    `restarts`: epochs after which a later Hyperband round took over, drawn as dotted lines."""
     fig = Figure(figsize=(11, 7.5), dpi=80)
     axes = fig.subplots(2, 2)
     _draw_curves(axes[0, 0], history, "loss", "loss")
     _draw_curves(axes[0, 1], history, "loss", "loss, magnified", magnify=True)
     _draw_curves(axes[1, 0], history, "accuracy", "accuracy")
+    for ax in (axes[0, 0], axes[0, 1], axes[1, 0]):
+        for epoch in restarts:
+            ax.axvline(epoch + 0.5, color="black", linestyle=":", linewidth=1)
     _draw_val_scatter(axes[1, 1], history, "validation loss vs accuracy")
     fig.suptitle(title)
     fig.tight_layout()

@@ -29,7 +29,6 @@ import hydra
 import mlflow
 import numpy as np
 from matplotlib.figure import Figure
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
@@ -38,6 +37,7 @@ from lenet_sweep import data as D
 from lenet_sweep.config import register_configs
 from lenet_sweep.errors import UserError
 
+HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")  # per-epoch metrics a history is rebuilt from
 # Single runs count beside the sweep only when they trained on its data: the same folder, the same
 # share held out for test, the same subset.
 SAME_DATA = ("data.root", "data.test_fraction", "data.limit_per_class")
@@ -58,6 +58,8 @@ class Run:
     metrics: dict[str, float]
     tags: dict[str, str]
     history: list[dict[str, float]] = field(default_factory=list)  # per epoch, 1-based by position
+    started: int = 0  # start time, ms since the epoch
+    ended: int = 0  # end time, ms since the epoch (0 while running)
 
     @property
     def score(self) -> Optional[float]:
@@ -75,10 +77,19 @@ class Run:
         return None if text in (None, "None") else store.number(text)
 
 
+def budget_of(run: Run) -> int:
+    """The epochs a run was allowed (Hyperband's tuner/epochs, else train.epochs)."""
+    return int(run.param("tuner/epochs") or run.param("train.epochs") or 0)
+
+
 @dataclass
 class Configuration:
-    """One point of the search space: its trials (Hyperband trains one configuration in several rounds,
-    each continuing the last) counted once, with the best score and the longest history of any round."""
+    """One point of the search space, counted once with the best score of its trials.
+
+    Hyperband trains a configuration in rounds: a fresh trial, then trials that continue from the best
+    epoch's weights of the round before, with a fresh optimizer. Their joined history is not one training
+    run, so per-epoch questions (budgets, turning points) read the fresh trial's history only.
+    """
 
     values: dict[str, Any]
     trials: list[Run]
@@ -89,12 +100,19 @@ class Configuration:
 
     @property
     def history(self) -> list[dict[str, float]]:
+        """The longest history of any round (later rounds include the epochs they continue)."""
         return max((t.history for t in self.trials), key=len)
 
     @property
-    def budget(self) -> int:
-        """The most epochs any round was allowed (Hyperband's tuner/epochs, else train.epochs)."""
-        return max(int(t.param("tuner/epochs") or t.param("train.epochs") or 0) for t in self.trials)
+    def fresh(self) -> Optional[Run]:
+        """The trial that trained from scratch, in one uninterrupted run (None if it is not recorded)."""
+        return next((t for t in self.trials if t.param("tuner/trial_id") is None), None)
+
+    @property
+    def restarts(self) -> list[int]:
+        """Epochs after which a later round took over (from an earlier epoch's weights)."""
+        return sorted({int(t.param("tuner/initial_epoch") or 0) for t in self.trials
+                       if t.param("tuner/trial_id") is not None})
 
     @property
     def ids(self) -> str:
@@ -106,7 +124,8 @@ class Evidence:
     """Everything the report reads, fetched once."""
 
     parent: Any  # the sweep's parent run (mlflow Run)
-    space: dict[str, str]  # dimension -> the config key it sets
+    space: dict[str, str]  # dimension -> the config key it sets ("?" when the sweep did not record it)
+    types: dict[str, str]  # dimension -> its type (choice, int, float, boolean)
     trials: list[Run]  # latest attempt of every trial, any status
     best: Any  # the sweep's latest finished `best` run, or None
     retrains: list[Run]  # its retrainings
@@ -135,7 +154,7 @@ class Artifacts:
         self._n += 1
         try:
             local = self.client.download_artifacts(run_id, path, str(self.folder / str(self._n)))
-        except (MlflowException, OSError):
+        except Exception:  # noqa: BLE001  absent, or a store that cannot serve it (S3, a server): both unread
             return None
         return Path(local).read_bytes() if Path(local).is_file() else None
 
@@ -155,10 +174,20 @@ class Artifacts:
         return list(csv.DictReader(io.StringIO(text))) if text else []
 
     def history(self, run_id: str) -> list[dict[str, float]]:
-        rows = []
-        for row in self.csv(run_id, "history.csv"):
-            rows.append({k: _float(v) for k, v in row.items() if k != "epoch"})
-        return rows
+        """Per-epoch rows from history.csv, else from the run's per-epoch metrics (steps are epochs)."""
+        rows = [{k: _float(v) for k, v in row.items() if k != "epoch"} for row in self.csv(run_id, "history.csv")]
+        if rows:
+            return rows
+        by_epoch: dict[int, dict[str, float]] = {}
+        for key in HISTORY_KEYS:
+            try:
+                points = self.client.get_metric_history(run_id, key)
+            except Exception:  # noqa: BLE001  a store that cannot answer: the run has no history here
+                points = []
+            for m in points:
+                by_epoch.setdefault(int(m.step), {})[key] = float(m.value)
+        last = max(by_epoch, default=0)
+        return [by_epoch.get(epoch, {}) for epoch in range(1, last + 1)]
 
 
 def _float(text: Optional[str]) -> float:
@@ -174,28 +203,32 @@ def _int(text: Optional[str]) -> int:
 
 
 def _run(r, kind: str, history: list[dict[str, float]]) -> Run:
-    return Run(
-        r.info.run_id,
-        kind,
-        r.info.status,
-        dict(r.data.params),
-        dict(r.data.metrics),
-        dict(r.data.tags),
-        history,
-    )
+    return Run(r.info.run_id, kind, r.info.status, dict(r.data.params), dict(r.data.metrics),
+               dict(r.data.tags), history, r.info.start_time or 0, r.info.end_time or 0)
 
 
-def _space(artifacts: Artifacts, parent) -> dict[str, str]:
+def _space(artifacts: Artifacts, parent) -> dict[str, dict]:
+    """The sweep's dimensions: {name: {"key": config key it sets, "type": choice | int | float | boolean}},
+    from search_space.yaml, else from the search section of the parent's config.yaml."""
     dimensions = [d for d in parent.data.params.get("search.dimensions", "").split(",") if d]
-    recorded = OmegaConf.create(artifacts.text(parent.info.run_id, "search_space.yaml") or "{}")
-    space = OmegaConf.to_container(recorded).get("space", {}) if isinstance(recorded, DictConfig) else {}
-    return {d: str((space.get(d) or {}).get("key", d)) for d in dimensions}
+    space: dict = {}
+    for path, pick in (("search_space.yaml", lambda c: c), ("config.yaml", lambda c: c.get("search", {}))):
+        try:
+            recorded = OmegaConf.to_container(OmegaConf.create(artifacts.text(parent.info.run_id, path) or "{}"))
+        except Exception:  # noqa: BLE001  an unreadable file: try the next
+            continue
+        space = pick(recorded).get("space", {}) if isinstance(recorded, dict) else {}
+        if space:
+            break
+    return {d: {"key": str((space.get(d) or {}).get("key", "?")), "type": str((space.get(d) or {}).get("type", "?"))}
+            for d in dimensions}
 
 
 def gather(client: MlflowClient, experiment_id: str, parent, folder: Path) -> Evidence:
     """Fetch what the report needs of sweep `parent` and of the experiment it lives in."""
     art = Artifacts(client, folder)
     parent_id = parent.info.run_id
+    dims = _space(art, parent)
     trials = [
         _run(r, "trial", art.history(r.info.run_id) if r.info.status == "FINISHED" else [])
         for r in store.latest_attempts(client, experiment_id, parent_id).values()
@@ -226,13 +259,17 @@ def gather(client: MlflowClient, experiment_id: str, parent, folder: Path) -> Ev
     winner_id = best.data.tags.get("lenet_sweep.winner_run_id") if best else None
     # The data check and Table I: the sweep's own (logged by sweeps since the report), else the winner's.
     sources = [parent_id, *([winner_id] if winner_id else []), *(r.run_id for r in retrains[:1])]
-    data = next((d for d in (art.json(s, "data/summary.json") for s in sources) if d), None)
     source = next((s for s in sources if art.json(s, "data/summary.json")), None)
-    packages = next((p for p in (art.json(s, "table_i_packages.json") for s in sources) if p), {})
+    data = art.json(source, "data/summary.json") if source else None
+    if data and not data.get("listed"):  # older runs: count the split manifest, which lists every split
+        data["listed"] = listed_counts(art.csv(source, "data/split_manifest.csv"), data.get("classes", []))
+    packages = next((p for p in (art.json(s, "table_i_packages.json")
+                                 for s in [*sources, *(r.run_id for r in singles[:1])]) if p), {})
     winner = next((r for r in retrains if r.run_id == winner_id), None)
     return Evidence(
         parent=parent,
-        space=_space(art, parent),
+        space={d: spec["key"] for d, spec in dims.items()},
+        types={d: spec["type"] for d, spec in dims.items()},
         trials=trials,
         best=best,
         retrains=retrains,
@@ -244,8 +281,20 @@ def gather(client: MlflowClient, experiment_id: str, parent, folder: Path) -> Ev
         confusion=art.json(best.info.run_id, "evaluation/confusion_matrix.json") if best else None,
         predictions=art.csv(best.info.run_id, "evaluation/test_predictions.csv") if best else [],
         sample_images=next((b for b in (art.raw(s, "plots/sample_images.png") for s in sources) if b), None),
-        data_root=winner.params.get("data.root") if winner else None,
+        data_root=(winner.params.get("data.resolved_root") or winner.params.get("data.root")) if winner else None,
     )
+
+
+def listed_counts(manifest: Sequence[dict], classes: Sequence[str]) -> Optional[dict[str, list[int]]]:
+    """Files per split and class from a split manifest (rows: split, class, path); None without one."""
+    if not manifest:
+        return None
+    index = {c: i for i, c in enumerate(classes)}
+    counts = {split: [0] * len(classes) for split in D.SPLITS}
+    for row in manifest:
+        if row.get("split") in counts and row.get("class") in index:
+            counts[row["split"]][index[row["class"]]] += 1
+    return counts
 
 
 def _all_runs(client: MlflowClient, experiment_id: str, query: str) -> list:
@@ -262,14 +311,15 @@ def _all_runs(client: MlflowClient, experiment_id: str, query: str) -> list:
 
 
 def stats(values: Iterable[Optional[float]]) -> dict[str, Any]:
-    """n, mean, sample std (0 for one value), min, max, median of the finite values."""
+    """n, mean, sample std (None for one value: no spread to speak of), min, max, median of the finite
+    values."""
     xs = np.array([v for v in values if v is not None and math.isfinite(v)], dtype=float)
     if not len(xs):
         return {"n": 0, "mean": None, "std": None, "min": None, "max": None, "median": None}
     return {
         "n": int(len(xs)),
         "mean": float(xs.mean()),
-        "std": float(xs.std(ddof=1)) if len(xs) > 1 else 0.0,
+        "std": float(xs.std(ddof=1)) if len(xs) > 1 else None,
         "min": float(xs.min()),
         "max": float(xs.max()),
         "median": float(np.median(xs)),
@@ -337,17 +387,12 @@ def compute(ev: Evidence, cfg: DictConfig) -> dict[str, Any]:
             "ln_classes": math.log(classes),
         },
         "configurations": [
-            {
-                "trials": c.ids,
-                "values": c.values,
-                "score": c.score,
-                "budget": c.budget,
-                "epochs": len(c.history),
-                "collapsed": collapsed(c.score),
-            }
+            {"trials": c.ids, "values": c.values, "score": c.score, "epochs": len(c.history),
+             "restarts": c.restarts, "collapsed": collapsed(c.score)}
             for c in configs
         ],
     }
+    failed = [t for t in ev.trials if t.status == "FAILED"]  # diverged or crashed: counted beside the scores
 
     # Output activation: how often each value collapses, and what the rest reach.
     activation_dims = [d for d, k in ev.space.items() if k == "model.output_activation"]
@@ -363,17 +408,23 @@ def compute(ev: Evidence, cfg: DictConfig) -> dict[str, Any]:
                     "trials": sum(len(c.trials) for c in group),
                     "collapsed": sum(collapsed(c.score) for c in group),
                     "dead_at_epoch_1": sum(dead_at_first_epoch(c.history) for c in group),
+                    "failed": sum(str(t.param(dim)) == value for t in failed),
                     "score": stats(c.score for c in group),
                 }
             )
     singles = []
-    for key, runs in _group(ev.singles, ("model.name", "optimizer.name", "model.output_activation")).items():
+    keys = ("model.name", "optimizer.name", "model.output_activation", "train.epochs")
+    for key, group in _group(ev.singles, keys).items():
+        # One run per seed (the latest): a rerun of the same seed is the same draw, not another.
+        by_seed = {r.param("seed"): r for r in sorted(group, key=lambda r: r.started)}
+        runs = [by_seed[seed] for seed in sorted(by_seed, key=str)]
         singles.append(
             {
                 "model": key[0],
                 "optimizer": key[1],
                 "output_activation": key[2],
-                "seeds": sorted(r.param("seed") for r in runs),
+                "budget": key[3],
+                "seeds": [r.param("seed") for r in runs],
                 "runs": len(runs),
                 "collapsed": sum(collapsed(r.score) for r in runs),
                 "dead_at_epoch_1": sum(dead_at_first_epoch(r.history) for r in runs),
@@ -391,9 +442,10 @@ def compute(ev: Evidence, cfg: DictConfig) -> dict[str, Any]:
         "epochs_dimension": lambda k: k == "train.epochs",
     }
     for name, wanted in questions.items():
-        facts[name] = [_by_value(dim, working) for dim, k in ev.space.items() if wanted(k)]
+        facts[name] = [_by_value(dim, working, failed, ev.types.get(dim) == "float")
+                       for dim, k in ev.space.items() if wanted(k)]
     facts["other_dimensions"] = [
-        _by_value(dim, working)
+        _by_value(dim, working, failed, ev.types.get(dim) == "float")
         for dim, k in ev.space.items()
         if not any(w(k) for w in questions.values()) and dim not in activation_dims
     ]
@@ -405,6 +457,7 @@ def compute(ev: Evidence, cfg: DictConfig) -> dict[str, Any]:
         [r for r in ev.singles if not collapsed(r.score)],
         cfg,
     )
+    facts["continued"] = sum(bool(c.restarts) for c in configs)
     facts["collapsed_left_out"] = len(configs) - len(working)
     facts["multi_seed"] = _multi_seed_facts(ev)
     facts["table_ii"] = _table_ii(ev, cfg, singles)
@@ -421,15 +474,17 @@ def _group(runs: Sequence[Run], keys: Sequence[str]) -> dict[tuple, list[Run]]:
     return dict(sorted(groups.items()))
 
 
-def _by_value(dim: str, configs: Sequence[Configuration]) -> dict[str, Any]:
-    """Score per value of `dim`; a continuous dimension (floats, mostly distinct: a learning rate) gets the
-    rank correlation of its value with the score instead, as per-value rows would hold one run each."""
+def _by_value(dim: str, configs: Sequence[Configuration], failed: Sequence[Run], continuous: bool) -> dict:
+    """Score per value of `dim` (and how many trials with that value failed); a continuous dimension (a
+    float: a learning rate) gets the rank correlation of its value with the score instead, as per-value
+    rows would hold one run each."""
     have = [c for c in configs if c.values.get(dim) is not None]
     values = sorted({c.values[dim] for c in have}, key=_order)
-    if len(values) > 5 and all(isinstance(v, float) for v in values):
+    if continuous:
         return {
             "dimension": dim,
             "rows": [],
+            "failed": sum(t.param(dim) is not None for t in failed),
             "continuous": {
                 "n": len(have),
                 "spearman": _spearman([c.values[dim] for c in have], [c.score for c in have]),
@@ -442,6 +497,7 @@ def _by_value(dim: str, configs: Sequence[Configuration]) -> dict[str, Any]:
             "value": v,
             "configurations": len(g),
             "trials": sum(len(c.trials) for c in g),
+            "failed": sum(str(t.param(dim)) == str(v) for t in failed),
             "score": stats(c.score for c in g),
         }
         for v in values
@@ -492,6 +548,8 @@ def _sweep_facts(ev: Evidence) -> dict[str, Any]:
         "finished": status.get("FINISHED", 0),
         "failed": status.get("FAILED", 0),
         "killed": status.get("KILLED", 0),
+        "running": status.get("RUNNING", 0),
+        "executions": store.number(p.data.params.get("tuner.executions_per_trial")),
         "seconds": p.data.metrics.get("sweep_seconds"),
         "commit": p.data.tags.get("mlflow.source.git.commit"),
         "stopped_because": p.data.tags.get("stopped_because", ""),
@@ -510,20 +568,22 @@ def _epochs_facts(configs: Sequence[Configuration], retrains: Sequence[Run], bud
     """Best validation accuracy reached within k epochs, for each budget k.
 
     A run counts for k if it trained k epochs, or stopped early before k (early stopping would have
-    stopped it there with any budget); a run whose budget ran out before k does not count for k.
+    stopped it there with any budget); a run whose budget ran out before k does not count for k. Sweep
+    configurations count with their fresh trial (uninterrupted), `best`'s retrainings per configuration.
     """
 
     def reach(history: Sequence[dict], budget: int, k: int) -> Optional[float]:
         stopped_early = len(history) < budget
         return _best_within(history, k) if len(history) >= k or stopped_early else None
 
+    fresh = [c.fresh for c in configs if c.fresh is not None and c.fresh.history]
     per_budget = []
     for k in budgets:
-        scores = [reach(c.history, c.budget, k) for c in configs]
+        scores = [reach(t.history, budget_of(t), k) for t in fresh]
         per_budget.append({"epochs": k, "score": stats(scores)})
     gains = []
     for a, b in zip(budgets, budgets[1:]):
-        pairs = [(reach(c.history, c.budget, a), reach(c.history, c.budget, b)) for c in configs]
+        pairs = [(reach(t.history, budget_of(t), a), reach(t.history, budget_of(t), b)) for t in fresh]
         diffs = [y - x for x, y in pairs if x is not None and y is not None]
         gains.append({"from": a, "to": b, "gain": stats(diffs)})
     seeds = []
@@ -547,15 +607,21 @@ def _epochs_facts(configs: Sequence[Configuration], retrains: Sequence[Run], bud
 def _turning_facts(
     configs: Sequence[Configuration], retrains: Sequence[Run], singles: Sequence[Run], cfg: DictConfig
 ) -> list[dict]:
-    runs = [(c.trials[-1], c.history) for c in configs] + [(r, r.history) for r in [*retrains, *singles]]
+    """Epoch of minimum validation loss per model family, over uninterrupted runs of at least
+    report.turning_min_epochs epochs (shorter ones are counted apart: too short to tell)."""
+    runs = [c.fresh for c in configs if c.fresh is not None] + [*retrains, *singles]
     families: dict[str, list[tuple[int, bool, int]]] = {}
-    for run, history in runs:
-        if history:
-            epoch, turned = turning(history)
-            families.setdefault(family(run), []).append((epoch, turned, len(history)))
+    short: dict[str, int] = {}
+    for run in runs:
+        if len(run.history) < cfg.report.turning_min_epochs:
+            short[family(run)] = short.get(family(run), 0) + 1
+        elif run.history:
+            epoch, turned = turning(run.history)
+            families.setdefault(family(run), []).append((epoch, turned, len(run.history)))
     study = {row.model: row.overfits_after for row in cfg.study}
     out = []
-    for name, points in sorted(families.items()):
+    for name in sorted({*families, *short}):
+        points = families.get(name, [])
         turned = [e for e, t, _ in points if t]
         out.append(
             {
@@ -565,6 +631,8 @@ def _turning_facts(
                 "epochs": turned,
                 "turning_epoch": stats(turned),
                 "not_turned_epochs_run": sorted(n for _, t, n in points if not t),
+                "too_short": short.get(name, 0),
+                "min_epochs": cfg.report.turning_min_epochs,
                 "study": study.get(name.split(",")[0]),
             }
         )
@@ -603,6 +671,8 @@ def _multi_seed_facts(ev: Evidence) -> dict[str, Any]:
         "candidates": rows,
         "optimism": stats(optimism),
         "seeds": ev.best.data.params.get("best.seeds"),
+        # trials that ended after `best` started: the sweep went on, and `best` did not see them
+        "stale": sum(t.ended > (ev.best.info.start_time or 0) for t in ev.trials),
     }
 
 
@@ -622,6 +692,8 @@ def _table_ii(ev: Evidence, cfg: DictConfig, singles: list[dict]) -> list[dict]:
                     "ours": s["test_accuracy"] if s else stats([]),
                     "seeds": s["seeds"] if s else [],
                     "collapsed": s["collapsed"] if s else 0,
+                    "budget": s["budget"] if s else None,
+                    "study_budget": cfg.train.epochs,  # the study trained 25 epochs (train.yaml)
                     "epochs": s["epochs"] if s else stats([]),
                 }
             )
@@ -630,8 +702,11 @@ def _table_ii(ev: Evidence, cfg: DictConfig, singles: list[dict]) -> list[dict]:
 
 def _table_i(ev: Evidence, cfg: DictConfig) -> list[dict]:
     study = dict(cfg.report.study_packages)
-    names = [*study, *(k for k in ev.packages if k not in study)]
-    return [{"package": n, "study": study.get(n), "ours": ev.packages.get(n)} for n in names]
+    ours = dict(ev.packages)
+    if "tensorflow-cpu" in ours:  # the CPU build is TensorFlow: one row
+        ours["tensorflow"] = f"{ours.pop('tensorflow-cpu')} (tensorflow-cpu)"
+    names = [*study, *(k for k in ours if k not in study)]
+    return [{"package": n, "study": study.get(n), "ours": ours.get(n)} for n in names]
 
 
 def _confusion_facts(ev: Evidence, top: int) -> dict[str, Any]:
@@ -702,6 +777,7 @@ def _data_facts(ev: Evidence) -> dict[str, Any]:
         "skipped": int(ev.data.get("skipped", 0)),
         "skipped_reasons": dict(reasons),
         "skipped_files": ev.skipped[:20],
+        "skipped_listed": len(ev.skipped),
         "counts_are": "listed" if ev.data.get("listed") else "decoded",
     }
 
@@ -823,9 +899,11 @@ def acc(x: Optional[float]) -> str:
 
 
 def pm(s: Mapping[str, Any]) -> str:
-    """'mean ± std (n=N)' of a stats() dict."""
+    """'mean ± std (n=N)' of a stats() dict; one value has no spread: 'value (n=1)'."""
     if not s or not s.get("n"):
         return "– (n=0)"
+    if s["std"] is None:
+        return f"{s['mean']:.4f} (n=1)"
     return f"{s['mean']:.4f} ± {s['std']:.4f} (n={s['n']})"
 
 
@@ -841,13 +919,14 @@ def activation_sentences(facts: dict) -> list[str]:
     out = []
     rows = facts["output_activation"]["sweep"]
     for r in rows:
+        failed = f"; {r['failed']} more trial(s) failed (diverged or crashed)" if r["failed"] else ""
         out.append(
             f"{r['dimension']}={r['value']}: {_share(r['collapsed'], r['configurations'])} sweep "
             f"configurations collapsed to chance (best val accuracy < {ch['threshold']:.3f}); "
-            f"best val accuracy {pm(r['score'])}"
+            f"best val accuracy {pm(r['score'])}{failed}"
         )
     by_value = {r["value"]: r["score"] for r in rows}
-    if {"relu", "softmax"} <= set(by_value) and by_value["relu"]["n"] and by_value["softmax"]["n"]:
+    if {"relu", "softmax"} <= set(by_value) and by_value["relu"]["n"] > 1 and by_value["softmax"]["n"] > 1:
         a, b = by_value["softmax"], by_value["relu"]
         se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
         out.append(
@@ -856,8 +935,8 @@ def activation_sentences(facts: dict) -> list[str]:
         )
     for s in facts["output_activation"]["single_runs"]:
         out.append(
-            f"{s['model']} ({s['optimizer']}, {s['output_activation']} output), single runs: "
-            f"{_share(s['collapsed'], s['runs'])} seeds collapsed to chance, "
+            f"{s['model']} ({s['optimizer']}, {s['output_activation']} output, {s['budget']} epochs), single "
+            f"runs: {_share(s['collapsed'], s['runs'])} seeds collapsed to chance, "
             f"{s['dead_at_epoch_1']} with validation loss at ln {ch['classes']} = {ch['ln_classes']:.4f} "
             f"after epoch 1; test accuracy {pm(s['test_accuracy'])}"
         )
@@ -875,7 +954,7 @@ def dimension_sentences(groups: Sequence[dict]) -> list[str]:
                 f"best val accuracy {rho} (n={c['n']})"
             )
             continue
-        rows = [r for r in g["rows"] if r["score"]["n"]]
+        rows = [r for r in g["rows"] if r["score"]["n"] > 1]  # a single configuration says nothing alone
         if len(rows) < 2:
             continue
         hi = max(rows, key=lambda r: r["score"]["mean"])
@@ -890,12 +969,9 @@ def dimension_sentences(groups: Sequence[dict]) -> list[str]:
 def epochs_sentences(facts: dict) -> list[str]:
     e = facts["epochs"]
     out = [
-        "best val accuracy within "
-        + "; ".join(f"{b['epochs']} epochs {pm(b['score'])}" for b in e["budgets"])
-        + " (sweep configurations)"
-    ]
-    out += [
-        f"{g['from']} -> {g['to']} epochs: {pm(g['gain'])} gain, paired per configuration" for g in e["gains"]
+        f"{g['from']} -> {g['to']} epochs: best val accuracy gains {pm(g['gain'])}, paired per sweep "
+        "configuration trained that long"
+        for g in e["gains"]
     ]
     for r in e["retrainings"]:
         out.append(
@@ -909,11 +985,12 @@ def turning_sentences(facts: dict) -> list[str]:
     out = []
     for f in facts["turning_points"]:
         t = f["turning_epoch"]
-        where = f"at epoch {t['median']:g} (median; range {t['min']:g}-{t['max']:g})" if t["n"] else ""
+        where = f" at epoch {t['median']:g} (median; range {t['min']:g}-{t['max']:g})" if t["n"] else ""
         study = f"; the study saw ~{f['study']}" if f["study"] else ""
+        short = f"; {f['too_short']} shorter run(s) not counted" if f["too_short"] else ""
         out.append(
-            f"{f['family']}: validation loss turned up in {_share(f['turned'], f['runs'])} runs "
-            f"{where}{study}"
+            f"{f['family']}: validation loss turned up in {_share(f['turned'], f['runs'])} runs of at "
+            f"least {f['min_epochs']} epochs{where}{study}{short}"
         )
     return out
 
@@ -921,293 +998,162 @@ def turning_sentences(facts: dict) -> list[str]:
 def build(ev: Evidence, facts: dict, cfg: DictConfig, store_uri: str) -> Doc:
     """The report's blocks, from the evidence and the facts computed from it."""
     doc = Doc()
-    sw, ch = facts["sweep"], facts["chance"]
+    sw, ch, ms = facts["sweep"], facts["chance"], facts["multi_seed"]
     doc.heading(1, f"Sweep report: {sw['name']}")
-    doc.para(
-        f"Sweep {sw['name']!r} (MLflow run {sw['run_id']}, {sw['status']}) in experiment "
-        f"{cfg.mlflow.experiment!r} of {store.redact(store_uri)}: {sw['tuner']} search over "
-        f"{len(sw['dimensions'])} dimensions, {sw['trials']} trials ({sw['finished']} finished, "
-        f"{sw['failed']} failed, {sw['killed']} killed)"
-        + (f" in {sw['seconds'] / 60:.1f} minutes" if sw["seconds"] else "")
-        + "."
-    )
-    doc.para(
-        "Every number here is computed from what MLflow holds; nothing was trained or evaluated to write "
-        "it. Scores are best-epoch validation accuracies (chosen on validation); test accuracies are the "
-        "ones recorded by `best`, `train` and `reproduce`, each evaluated once. Each sweep trial trains "
-        "with its own seed (the sweep's seed plus its trial number), so a spread over trials mixes seeds "
-        "and the other hyperparameters; spreads over seeds alone come from `best`'s retrainings and from "
-        "single runs with different seeds."
-    )
-    collapsed_note = (
-        f"Left out here: {facts['collapsed_left_out']} configuration(s) that collapsed to chance "
-        "(see the output question), so a dead output does not count against a filter count, a "
-        "width or a budget."
-    )
+    counts = ", ".join(f"{sw[k]} {k}" for k in ("finished", "failed", "killed", "running") if sw[k])
+    minutes = f" in {sw['seconds'] / 60:.1f} minutes" if sw["seconds"] else ""
+    doc.para(f"Sweep {sw['name']!r} (MLflow run {sw['run_id']}, {sw['status']}) in experiment "
+             f"{cfg.mlflow.experiment!r} of {store.redact(store_uri)}: {sw['tuner']} search over "
+             f"{len(sw['dimensions'])} dimensions, {sw['trials']} trials ({counts}){minutes}.")
+    seeds = ("Each sweep trial trains with its own seed (the sweep's seed plus its trial number), so a spread "
+             "over configurations mixes seeds and the other hyperparameters; spreads over seeds alone come "
+             "from `best`'s retrainings and from single runs with several seeds.")
+    if (sw["executions"] or 1) > 1:
+        seeds += (f" This sweep ran {sw['executions']} executions per trial (each its own seed): scores are "
+                  "their mean, while per-epoch views (curves, budgets, turning points, the first epoch's loss) "
+                  "read the first execution's history.")
+    doc.para("Every number here is computed from what MLflow holds; nothing was trained or evaluated to write "
+             "it. Scores are best-epoch validation accuracies (chosen on validation); test accuracies are the "
+             "ones recorded by `best`, `train` and `reproduce`, each evaluated once. " + seeds)
+    if ms.get("stale"):
+        doc.para(f"Note: the best run {ms['run_id']} started before {ms['stale']} of the sweep's trials ended "
+                 "(the sweep went on afterwards): rerun `best` to choose among all of them.")
+    left_out = (f"Left out here: {facts['collapsed_left_out']} configuration(s) that collapsed to chance (see the "
+                "output question), so a dead output does not count against a filter count, a width or a budget.")
 
     doc.heading(2, "Answers in short")
-    doc.items(
-        [
-            *activation_sentences(facts),
-            *dimension_sentences(facts["filters_and_layers"]),
-            *dimension_sentences(facts["dense_widths"]),
-            *epochs_sentences(facts)[:1],
-            *turning_sentences(facts),
-            *_winner_sentences(facts),
-        ]
-    )
+    doc.items(answers(facts))
 
     doc.heading(2, "Table I: packages")
-    doc.para(
-        "The study's versions are those in conf/report.yaml (report.study_packages; – where not stated); "
-        "ours are the versions the sweep (or the winner's retraining) recorded."
-    )
+    doc.para("The study's versions are those in conf/report.yaml (report.study_packages; – where not stated); "
+             "ours are the versions the sweep (or the winner's retraining, or a single run) recorded.")
     doc.table(["package", "study", "ours"], [[r["package"], r["study"], r["ours"]] for r in facts["table_i"]])
 
     doc.heading(2, "Table II: test accuracy")
-    rows = [
-        [
-            r["model"],
-            r["optimizer"],
-            r["output_activation"],
-            acc(r["study"]),
-            pm(r["ours"]),
-            " ".join(str(s) for s in r["seeds"]) or "–",
-            _share(r["collapsed"], len(r["seeds"])),
-            pm(r["epochs"]),
-        ]
-        for r in facts["table_ii"]
-    ]
-    ms = facts["multi_seed"]
+    rows = [[r["model"], r["optimizer"], r["study_budget"], acc(r["study"]), r["output_activation"], r["budget"],
+             pm(r["ours"]), " ".join(str(s) for s in r["seeds"]) or "–", _share(r["collapsed"], len(r["seeds"])),
+             pm(r["epochs"])] for r in facts["table_ii"]]
     if ms:
-        rows.append(
-            [
-                f"sweep winner (trial {ms['winner_trial']})",
-                "from the sweep",
-                "",
-                "–",
-                f"{acc(ms['test_accuracy'])} (evaluated once)",
-                ms["winner_seed"],
-                "",
-                "",
-            ]
-        )
+        rows.append([f"sweep winner (trial {ms['winner_trial']})", "", "", "", "", "",
+                     f"{acc(ms['test_accuracy'])} (once, by best)", ms["winner_seed"], "", ""])
     if "best_trial_test_accuracy" in ev.parent.data.metrics:
-        rows.append(
-            [
-                "sweep's top trial (one seed)",
-                "from the sweep",
-                "",
-                "–",
-                f"{acc(ev.parent.data.metrics['best_trial_test_accuracy'])} (evaluated once)",
-                "",
-                "",
-                "",
-            ]
-        )
-    doc.table(
-        [
-            "model",
-            "optimizer",
-            "output",
-            "study",
-            "ours: mean ± std (n seeds)",
-            "seeds",
-            "collapsed",
-            "epochs run",
-        ],
-        rows,
-    )
-    if not facts["output_activation"]["single_runs"]:
-        doc.para(
-            "No single runs of the study's models in this experiment yet: `make reproduce` (or "
-            "`python -m lenet_sweep.train model=... seed=N`) adds them, one row per model over its seeds."
-        )
+        rows.append(["sweep's top trial (one seed)", "", "", "", "", "",
+                     f"{acc(ev.parent.data.metrics['best_trial_test_accuracy'])} (once, by "
+                     "benchmarks/sweep_best_on_test.py)", "", "", ""])
+    doc.table(["model", "optimizer", "study epochs", "study test accuracy", "our output", "our epochs",
+               "ours: mean ± std (n seeds)", "seeds", "collapsed", "epochs run"], rows)
+    doc.para("Our rows are single runs (`train`, `reproduce`) on the sweep's data, one per seed (the latest run "
+             "of a seed), grouped by output activation and epochs: compare with the study only where the "
+             "epochs match." if facts["output_activation"]["single_runs"] else
+             "No single runs of the study's models on this data yet: `make reproduce` (or `python -m "
+             "lenet_sweep.train model=... seed=N`) adds them, one row per model over its seeds.")
 
     doc.heading(2, "Softmax or ReLU output?")
     doc.items(activation_sentences(facts))
-    doc.table(
-        [
-            "dimension",
-            "value",
-            "configurations",
-            "trials",
-            "collapsed",
-            "val loss = ln C at epoch 1",
-            "best val accuracy",
-        ],
-        [
-            [
-                r["dimension"],
-                r["value"],
-                r["configurations"],
-                r["trials"],
-                r["collapsed"],
-                r["dead_at_epoch_1"],
-                pm(r["score"]),
-            ]
-            for r in facts["output_activation"]["sweep"]
-        ],
-    )
-    doc.table(
-        [
-            "model",
-            "optimizer",
-            "output",
-            "seeds",
-            "collapsed",
-            "val loss = ln C at epoch 1",
-            "best val accuracy",
-            "test accuracy",
-        ],
-        [
-            [
-                s["model"],
-                s["optimizer"],
-                s["output_activation"],
-                " ".join(map(str, s["seeds"])),
-                s["collapsed"],
-                s["dead_at_epoch_1"],
-                pm(s["score"]),
-                pm(s["test_accuracy"]),
-            ]
-            for s in facts["output_activation"]["single_runs"]
-        ],
-    )
-    doc.para(
-        f"Chance: {ch['classes']} classes, accuracy {ch['chance_accuracy']:.4f}, loss ln {ch['classes']} = "
-        f"{ch['ln_classes']:.4f}. Collapsed: best validation accuracy below {ch['threshold']:.4f} "
-        f"(chance + report.chance_margin)."
-    )
+    doc.table(["dimension", "value", "configurations", "trials", "collapsed", "val loss = ln C at epoch 1",
+               "failed trials", "best val accuracy"],
+              [[r["dimension"], r["value"], r["configurations"], r["trials"], r["collapsed"], r["dead_at_epoch_1"],
+                r["failed"], pm(r["score"])] for r in facts["output_activation"]["sweep"]])
+    doc.table(["model", "optimizer", "output", "epochs", "seeds", "collapsed", "val loss = ln C at epoch 1",
+               "best val accuracy", "test accuracy"],
+              [[s["model"], s["optimizer"], s["output_activation"], s["budget"], " ".join(map(str, s["seeds"])),
+                s["collapsed"], s["dead_at_epoch_1"], pm(s["score"]), pm(s["test_accuracy"])]
+               for s in facts["output_activation"]["single_runs"]])
+    doc.para(f"Chance: {ch['classes']} classes, accuracy {ch['chance_accuracy']:.4f}, loss ln {ch['classes']} = "
+             f"{ch['ln_classes']:.4f}. Collapsed: best validation accuracy below {ch['threshold']:.4f} (chance + "
+             "report.chance_margin). Failed trials (diverged or crashed) have no score and are counted apart.")
     act_dims = [r["dimension"] for r in facts["output_activation"]["sweep"]]
     if act_dims:
         groups: dict[str, list[float]] = {}
         for c in facts["configurations"]:
             groups.setdefault(str(c["values"].get(act_dims[0])), []).append(c["score"])
-        doc.figure(
-            "output_activation.png",
-            plots.groups_side_by_side(
-                groups, "best val accuracy", "output activation (one point per configuration)"
-            ),
-            "Best validation accuracy per configuration, by output activation.",
-        )
+        doc.figure("output_activation.png", plots.groups_side_by_side(
+            groups, "best val accuracy", "output activation (one point per configuration)"),
+            "Best validation accuracy per configuration, by output activation.")
 
-    for title, key in (
-        ("More filters or more conv layers?", "filters_and_layers"),
-        ("Other dense widths?", "dense_widths"),
-    ):
+    for title, key in (("More filters or more conv layers?", "filters_and_layers"),
+                       ("Other dense widths?", "dense_widths")):
         doc.heading(2, title)
-        doc.items(dimension_sentences(facts[key]))
+        doc.items(dimension_sentences(facts[key]) or ["no dimension of this sweep varies it"
+                                                      if not facts[key] else "too few configurations per value"])
         _dimension_tables(doc, facts[key])
-        doc.para(collapsed_note)
+        doc.para(left_out + " Values with one configuration are shown but not compared.")
 
     doc.heading(2, "5, 10 or 25 epochs?")
     doc.items(epochs_sentences(facts))
-    doc.table(
-        ["epochs", "best val accuracy within them"],
-        [[b["epochs"], pm(b["score"])] for b in facts["epochs"]["budgets"]],
-    )
-    doc.para(
-        "A configuration counts for a budget of k epochs if it trained k epochs or stopped early before "
-        "k (early stopping would have stopped it there with any budget); one whose budget ran out before "
-        "k does not count for k. " + collapsed_note
-    )
+    doc.table(["epochs", "best val accuracy within them (sweep configurations trained that long)"],
+              [[b["epochs"], pm(b["score"])] for b in facts["epochs"]["budgets"]])
+    doc.para("A run counts for a budget of k epochs if it trained k epochs or stopped early before k (early "
+             "stopping would have stopped it there with any budget); one whose budget ran out before k does "
+             "not. The rows above are different subsets of configurations (fewer were given more epochs); the "
+             f"paired gains compare the same configurations. Sweep configurations count with their fresh trial: "
+             f"{facts['continued']} were continued over Hyperband rounds, each round restarting from an earlier "
+             "epoch's weights, which is not one training run. " + left_out)
     _dimension_tables(doc, facts["epochs_dimension"])
 
     doc.heading(2, "Where does overfitting start?")
     doc.items(turning_sentences(facts))
-    doc.table(
-        ["family", "runs", "turned", "turning epoch", "median", "epochs run where it did not turn", "study"],
-        [
-            [
-                f["family"],
-                f["runs"],
-                f["turned"],
-                pm(f["turning_epoch"]),
-                f["turning_epoch"]["median"] if f["turning_epoch"]["n"] else None,
-                " ".join(map(str, f["not_turned_epochs_run"])) or "–",
-                f["study"],
-            ]
-            for f in facts["turning_points"]
-        ],
-    )
-    doc.para(
-        "Turning point: the epoch of minimum validation loss, counted as a turn when validation loss is "
-        "higher at some later epoch of the run. Runs: each sweep configuration once (its longest "
-        "history), each retraining of `best`, each single run; collapsed runs left out."
-    )
-    if facts["turning_points"]:
-        doc.figure(
-            "turning_points.png",
-            plots.turning_points(
-                {f["family"]: f["epochs"] for f in facts["turning_points"]}, "where validation loss turns up"
-            ),
-            "Epoch of minimum validation loss, runs whose validation loss then rose.",
-        )
+    doc.table(["family", "runs", "turned", "turning epoch", "median", "epochs run where it did not turn",
+               "shorter runs", "study"],
+              [[f["family"], f["runs"], f["turned"], pm(f["turning_epoch"]), f["turning_epoch"]["median"],
+                " ".join(map(str, f["not_turned_epochs_run"])) or "–", f["too_short"], f["study"]]
+               for f in facts["turning_points"]])
+    doc.para("Turning point: the epoch of minimum validation loss, counted as a turn when validation loss is "
+             "higher at a later epoch of the run. Runs: each sweep configuration's fresh trial, each retraining "
+             f"of `best`, each single run, if it trained at least {cfg.report.turning_min_epochs} epochs "
+             "(report.turning_min_epochs); collapsed runs left out.")
+    if any(f["epochs"] for f in facts["turning_points"]):
+        doc.figure("turning_points.png", plots.turning_points(
+            {f["family"]: f["epochs"] for f in facts["turning_points"]}, "where validation loss turns up"),
+            "Epoch of minimum validation loss, runs whose validation loss then rose.")
 
     if facts["other_dimensions"]:
         doc.heading(2, "The other hyperparameters")
         doc.items(dimension_sentences(facts["other_dimensions"]))
         _dimension_tables(doc, facts["other_dimensions"])
 
-    configs = configurations(ev)
     doc.heading(2, "Learning curves of the best configurations")
-    doc.para(
-        "Loss, magnified loss (from epoch 2), accuracy, and validation loss against validation accuracy: "
-        "the study's four figures, for the best configurations by validation accuracy."
-    )
-    for i, c in enumerate(configs[: cfg.report.top_trials], start=1):
+    doc.para("Loss, magnified loss (from epoch 2), accuracy, and validation loss against validation accuracy: "
+             "the study's four figures, for the best configurations by validation accuracy. Dotted lines: a "
+             "Hyperband round took over there, from an earlier epoch's weights.")
+    for i, c in enumerate(configurations(ev)[: cfg.report.top_trials], start=1):
         title = f"#{i} trial {c.ids}: best val accuracy {c.score:.4f}"
-        doc.figure(
-            f"curves_{i}.png",
-            plots.trial_curves(c.history, title),
-            f"{title}; {' '.join(f'{k}={v}' for k, v in c.values.items())}",
-        )
+        doc.figure(f"curves_{i}.png", plots.trial_curves(c.history, title, c.restarts),
+                   f"{title}; {' '.join(f'{k}={_value(v)}' for k, v in c.values.items())}")
 
     doc.heading(2, "Validation accuracy against each hyperparameter")
-    rows_by_trial = [
-        {d: t.param(d) for d in [*ev.space, "tuner/epochs"] if d in t.params} | {"val": t.score}
-        for t in ev.finished
-    ]
-    names = [d for d in [*ev.space, "tuner/epochs"] if any(r.get(d) is not None for r in rows_by_trial)]
-    if rows_by_trial and names:
-        doc.figure(
-            "val_accuracy_vs_hyperparameters.png",
-            plots.score_by_value(rows_by_trial, names, "val", "best validation accuracy per trial"),
-            "Best validation accuracy of every finished trial against each hyperparameter.",
-        )
+    by_trial = [{d: t.param(d) for d in [*ev.space, "tuner/epochs"] if d in t.params} | {"val": t.score}
+                for t in ev.finished]
+    names = [d for d in [*ev.space, "tuner/epochs"] if any(r.get(d) is not None for r in by_trial)]
+    if names:
+        doc.figure("val_accuracy_vs_hyperparameters.png",
+                   plots.score_by_value(by_trial, names, "val", "best validation accuracy per trial"),
+                   "Best validation accuracy of every finished trial against each hyperparameter.")
 
     _winner_sections(doc, ev, facts, cfg)
     _data_section(doc, ev, facts)
 
     doc.heading(2, "Provenance")
-    doc.items(
-        [
-            f"sweep run {sw['run_id']} (commit {sw['commit'] or '–'})",
-            *([f"best run {ms['run_id']}"] if ms else []),
-            f"{len(ev.singles)} single run(s) in the experiment",
-            "numbers: report.json beside this file; code: lenet_sweep/report.py",
-        ]
-    )
+    doc.items([f"sweep run {sw['run_id']} (commit {sw['commit'] or '–'})",
+               *([f"best run {ms['run_id']}"] if ms else []),
+               f"{len(ev.singles)} single run(s) on the sweep's data in the experiment",
+               "numbers: report.json beside this file; code: lenet_sweep/report.py"])
     return doc
+
+
+def answers(facts: dict) -> list[str]:
+    """The report's short answers, one or more per question."""
+    return [*activation_sentences(facts), *dimension_sentences(facts["filters_and_layers"]),
+            *dimension_sentences(facts["dense_widths"]), *epochs_sentences(facts), *turning_sentences(facts),
+            *_winner_sentences(facts)]
 
 
 def _dimension_tables(doc: Doc, groups: Sequence[dict]) -> None:
     for g in groups:
-        doc.table(
-            [g["dimension"], "configurations", "trials", "best val accuracy", "median", "max"],
-            [
-                [
-                    _value(r["value"]),
-                    r["configurations"],
-                    r["trials"],
-                    pm(r["score"]),
-                    r["score"]["median"],
-                    r["score"]["max"],
-                ]
-                for r in g["rows"]
-            ],
-        )
+        doc.table([g["dimension"], "configurations", "trials", "failed trials", "best val accuracy", "median",
+                   "max"],
+                  [[_value(r["value"]), r["configurations"], r["trials"], r["failed"], pm(r["score"]),
+                    r["score"]["median"], r["score"]["max"]] for r in g["rows"]])
 
 
 def _value(value: Any) -> str:
@@ -1217,21 +1163,15 @@ def _value(value: Any) -> str:
 def _winner_sentences(facts: dict) -> list[str]:
     ms = facts["multi_seed"]
     if not ms:
-        return [
-            "no `best` run for this sweep yet: `python -m lenet_sweep.best` chooses, confirms over seeds "
-            "and tests the winner once"
-        ]
+        return ["no `best` run for this sweep yet: `python -m lenet_sweep.best` chooses, confirms over seeds "
+                "and tests the winner once"]
     won = next((c for c in ms["candidates"] if c["winner"]), None)
-    out = [
-        f"winner: trial {ms['winner_trial']}, val accuracy {acc(ms['val_mean'])} ± {acc(ms['val_std'])} over "
-        f"{won['seeds'] if won else ms['seeds']} seeds; test accuracy {acc(ms['test_accuracy'])} "
-        "(evaluated once)"
-    ]
+    out = [f"winner: trial {ms['winner_trial']}, val accuracy {acc(ms['val_mean'])} ± {acc(ms['val_std'])} over "
+           f"{won['seeds'] if won else ms['seeds']} seeds; test accuracy {acc(ms['test_accuracy'])} "
+           "(evaluated once)"]
     if ms["optimism"]["n"]:
-        out.append(
-            f"the sweep's one-seed scores of the retrained configurations were {ms['optimism']['mean']:+.4f} "
-            f"above their means over new seeds (n={ms['optimism']['n']})"
-        )
+        out.append(f"the sweep's one-seed scores of the retrained configurations were "
+                   f"{ms['optimism']['mean']:+.4f} above their means over new seeds (n={ms['optimism']['n']})")
     return out
 
 
@@ -1239,80 +1179,51 @@ def _winner_sections(doc: Doc, ev: Evidence, facts: dict, cfg: DictConfig) -> No
     ms, cf = facts["multi_seed"], facts["confusion"]
     doc.heading(2, "The winner over seeds")
     doc.items(_winner_sentences(facts))
-    doc.table(
-        [
-            "sweep rank",
-            "trial",
-            "sweep val (one seed)",
-            "val mean ± std",
-            "seeds",
-            "failed",
-            "per seed",
-            "winner",
-            "hyperparameters",
-        ],
-        [
-            [
-                c["sweep_rank"],
-                c["trial"],
-                c["sweep_val_accuracy"],
-                f"{c['mean']:.4f} ± {c['std']:.4f}",
-                c["seeds"],
-                c["failed"],
-                c["per_seed"],
-                "yes" if c["winner"] else "",
-                c["hyperparameters"],
-            ]
-            for c in ms.get("candidates", [])
-        ],
-    )
+    doc.table(["sweep rank", "trial", "sweep val (one seed)", "val mean ± std", "seeds", "failed", "per seed",
+               "winner", "hyperparameters"],
+              [[c["sweep_rank"], c["trial"], c["sweep_val_accuracy"], f"{acc(c['mean'])} ± {acc(c['std'])}",
+                c["seeds"], c["failed"], c["per_seed"], "yes" if c["winner"] else "", c["hyperparameters"]]
+               for c in ms.get("candidates", [])])
+
     doc.heading(2, "Test: confusion matrix and the most confused classes")
     if not cf:
-        doc.para("No test evaluation for this sweep yet (`python -m lenet_sweep.best` makes the one).")
-        return
-    doc.para(
-        f"The winner on the test split, evaluated once: {cf['images']} images, accuracy {cf['accuracy']:.4f}."
-    )
-    doc.table(
-        ["classes", "total confusions", "first as second", "second as first", "share of their test images"],
-        [
-            [f"{p['a']} / {p['b']}", p["total"], p["a_as_b"], p["b_as_a"], f"{100 * p['share']:.1f}%"]
-            for p in cf["pairs"]
-        ],
-    )
-    doc.figure(
-        "confusion_matrix.png",
-        plots.confusion_figure(np.array(cf["matrix"]), cf["names"], "test confusion of the winner"),
-        "Test confusion matrix of the winner (rows: true class; shares of the row, counts written in).",
-    )
-    doc.table(
-        ["class", "name", "test images", "correct", "accuracy"],
-        [[r["class"], r["name"], r["images"], r["correct"], r["accuracy"]] for r in cf["per_class"]],
-    )
-    grid, missing = misclassified_grid(ev, cfg.report.misclassified, cfg.report.grid_columns)
+        doc.para(f"The winner's test accuracy, {acc(ms['test_accuracy'])}, was recorded without its confusion "
+                 "matrix (evaluation/confusion_matrix.json)." if ms.get("test_accuracy") is not None else
+                 "No test evaluation for this sweep yet (`python -m lenet_sweep.best` makes the one).")
+    else:
+        doc.para(f"The winner on the test split, evaluated once: {cf['images']} images, accuracy "
+                 f"{cf['accuracy']:.4f}.")
+        doc.table(["classes", "total confusions", "first as second", "second as first",
+                   "share of their test images"],
+                  [[f"{p['a']} / {p['b']}", p["total"], p["a_as_b"], p["b_as_a"], f"{100 * p['share']:.1f}%"]
+                   for p in cf["pairs"]])
+        doc.figure("confusion_matrix.png", plots.confusion_figure(np.array(cf["matrix"]), cf["names"],
+                                                                  "test confusion of the winner"),
+                   "Test confusion matrix of the winner (rows: true class; shares of the row, counts written in).")
+        doc.table(["class", "name", "test images", "correct", "accuracy"],
+                  [[r["class"], r["name"], r["images"], r["correct"], r["accuracy"]] for r in cf["per_class"]])
+
     doc.heading(2, "Misclassified test images of the winner")
+    wrong = sum(r.get("correct") == "0" for r in ev.predictions)
+    grid, missing = misclassified_grid(ev, cfg.report.misclassified, cfg.report.grid_columns)
     if grid is not None:
-        doc.figure(
-            "misclassified.png",
-            grid,
-            "The winner's most confident mistakes on the test split: true class -> predicted (score).",
-        )
+        doc.figure("misclassified.png", grid, f"The winner's {min(wrong, cfg.report.misclassified)} most "
+                   f"confident mistakes of {wrong} on the test split: true class -> predicted (score).")
     if missing:
-        doc.para(
-            f"{missing} misclassified image(s) could not be read under {ev.data_root} (moved?): not shown."
-        )
-    if grid is None and not missing:
+        doc.para(f"{missing} misclassified image(s) could not be read under {ev.data_root} (moved?): not shown.")
+    if not ev.predictions:
+        doc.para("No test predictions recorded (evaluation/test_predictions.csv of the best run)." if ms else
+                 "No best run yet.")
+    elif not wrong:
         doc.para("No misclassified test images.")
 
 
 def misclassified_grid(ev: Evidence, n: int, columns: int) -> tuple[Optional[Figure], int]:
     """The winner's `n` most confident mistakes as an image grid (None if none), and how many files
     could not be read."""
-    wrong = sorted(
-        (r for r in ev.predictions if r.get("correct") == "0"), key=lambda r: -_float(r.get("score"))
-    )
-    if not wrong or n < 1:
-        return None, 0
+    from PIL import Image
+
+    wrong = sorted((r for r in ev.predictions if r.get("correct") == "0"), key=lambda r: -_float(r.get("score")))
     names = {}
     if ev.confusion:
         names = dict(zip(ev.confusion["classes"], ev.confusion.get("names") or ev.confusion["classes"]))
@@ -1320,7 +1231,7 @@ def misclassified_grid(ev: Evidence, n: int, columns: int) -> tuple[Optional[Fig
     for row in wrong:
         if len(images) == n:
             break
-        path = Path(row["path"])
+        path = Path(row.get("path", ""))
         if not path.is_absolute() and ev.data_root:
             path = Path(ev.data_root).expanduser() / path
         try:
@@ -1328,13 +1239,9 @@ def misclassified_grid(ev: Evidence, n: int, columns: int) -> tuple[Optional[Fig
         except D.DECODE_ERRORS:
             missing += 1
             continue
-        from PIL import Image
-
         images.append(np.asarray(Image.fromarray(rgb).resize((96, 96))))
-        titles.append(
-            f"{names.get(row['label'], row['label'])}\n-> {names.get(row['predicted'], row['predicted'])} "
-            f"({_float(row['score']):.2f})"
-        )
+        titles.append(f"{names.get(row['label'], row['label'])}\n-> "
+                      f"{names.get(row['predicted'], row['predicted'])} ({_float(row['score']):.2f})")
     if not images:
         return None, missing
     return plots.image_grid(np.stack(images), titles, columns, "misclassified test images"), missing
@@ -1344,43 +1251,63 @@ def _data_section(doc: Doc, ev: Evidence, facts: dict) -> None:
     d = facts["data"]
     doc.heading(2, "Data check (representativeness)")
     if not d:
-        doc.para(
-            "No data summary recorded for this sweep (sweeps log data/summary.json on their parent run; "
-            "older sweeps have it only on `best`'s retrainings)."
-        )
+        doc.para("No data summary recorded for this sweep (sweeps log data/summary.json on their parent run; "
+                 "older sweeps have it only on `best`'s retrainings).")
         return
-    doc.para(
-        f"Class counts per split ({d['counts_are']} files); the test split is the one `best` evaluated "
-        "once. Imbalance: largest class / smallest class."
-    )
+    doc.para(f"Class counts per split ({d['counts_are']} files). Imbalance: largest class / smallest class.")
     splits = d["splits"]
-    doc.table(
-        ["class", "name", *splits],
-        [[c["class"], c["name"], *(c[s] for s in splits)] for c in d["classes"]]
-        + [["all", "", *(d["balance"][s]["total"] for s in splits)]],
-    )
-    doc.table(
-        ["split", "images", "smallest class", "largest class", "imbalance"],
-        [[s, b["total"], b["min"], b["max"], f"{b['ratio']:.2f}"] for s, b in d["balance"].items()],
-    )
+    doc.table(["class", "name", *splits], [[c["class"], c["name"], *(c[s] for s in splits)] for c in d["classes"]]
+              + [["all", "", *(d["balance"][s]["total"] for s in splits)]])
+    doc.table(["split", "images", "smallest class", "largest class", "imbalance"],
+              [[s, b["total"], b["min"], b["max"], f"{b['ratio']:.2f}"] for s, b in d["balance"].items()])
     reasons = "; ".join(f"{k}: {v}" for k, v in d["skipped_reasons"].items())
-    doc.para(f"Files left out: {d['skipped']}" + (f" ({reasons})." if reasons else "."))
-    doc.table(
-        ["split", "path", "reason"],
-        [[r.get("split"), r.get("path"), r.get("reason")] for r in d["skipped_files"]],
-    )
+    shown = f" (the first {len(d['skipped_files'])} below)" if d["skipped_listed"] > len(d["skipped_files"]) else ""
+    doc.para(f"Files left out: {d['skipped']}" + (f" ({reasons})" if reasons else "") + shown + ". Sweeps and "
+             "`best`'s retrainings decode train and validation only; test files are decoded once, by `best`.")
+    doc.table(["split", "path", "reason"], [[r.get("split"), r.get("path"), r.get("reason")]
+                                           for r in d["skipped_files"]])
     if ev.sample_images:
         doc.figure("sample_images.png", ev.sample_images, "Training images as the models saw them.")
 
 
 # ---- writing and logging -----------------------------------------------------------------------
 
-
 def _write(path: Path, data: bytes) -> None:
     """Write `data` beside `path` and rename it into place, so a killed report leaves no half file."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def _finite(value: Any) -> Any:
+    """`value` with NaN and infinities as None, so report.json is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+REPORT_FILES = ("report.md", "report.html", "report.json")
+
+
+def check_target(out: Path) -> list[str]:
+    """Refuse a report.dir that holds anything but an earlier report; return that report's figure names
+    (to remove: this report writes its own)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"report.dir={out} is a file: give a folder")
+    if not out.exists() or not any(out.iterdir()):
+        return []
+    try:
+        earlier = json.loads((out / "report.json").read_text())
+    except (OSError, ValueError):
+        earlier = None
+    if not isinstance(earlier, dict) or "figures" not in earlier:
+        raise UserError(f"report.dir={out} holds other files and no earlier report: give a new or empty folder "
+                        "(a report never writes over files it did not make)")
+    return [name for name in earlier["figures"] if isinstance(name, str) and "/" not in name and name]
 
 
 @dataclass
@@ -1394,64 +1321,55 @@ class ReportResult:
 def make_report(cfg: DictConfig) -> ReportResult:
     """Read sweep `cfg.sweep.name` from MLflow, write the report to `cfg.report.dir`, log it to the sweep."""
     s = cfg.report
-    for knob, value in (
-        ("report.top_trials", s.top_trials),
-        ("report.confused_pairs", s.confused_pairs),
-        ("report.misclassified", s.misclassified),
-        ("report.grid_columns", s.grid_columns),
-    ):
-        if value < (1 if knob == "report.grid_columns" else 0):
-            raise UserError(f"{knob}={value}: must be at least {1 if knob == 'report.grid_columns' else 0}")
-    if not 0 <= s.chance_margin < 1 or any(k < 1 for k in s.epochs):
-        raise UserError("report.chance_margin must be in [0, 1) and report.epochs positive epoch counts")
+    for knob, value, least in (("report.top_trials", s.top_trials, 0), ("report.confused_pairs", s.confused_pairs, 0),
+                               ("report.misclassified", s.misclassified, 0), ("report.grid_columns", s.grid_columns, 1),
+                               ("report.turning_min_epochs", s.turning_min_epochs, 2)):
+        if value < least:
+            raise UserError(f"{knob}={value}: must be at least {least}")
+    if not 0 <= s.chance_margin < 1 or not s.epochs or any(k < 1 for k in s.epochs):
+        raise UserError("report.chance_margin must be in [0, 1) and report.epochs a list of positive epoch counts")
     experiment_id = store.open_store(cfg.mlflow, create=False)
     uri = mlflow.get_tracking_uri()
     client = MlflowClient(uri)
     parent = store.find_sweep(client, experiment_id, cfg.sweep.name, cfg.mlflow.experiment)
     name = parent.data.tags.get("lenet_sweep.sweep", "sweep")
     out = Path(s.dir if s.dir else Path("reports") / name).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"report.dir={out} is a file: give a folder")
+    stale_figures = check_target(out)
     with tempfile.TemporaryDirectory() as tmp:
         ev = gather(client, experiment_id, parent, Path(tmp))
         if not ev.finished:
-            raise UserError(
-                f"sweep {name!r} (MLflow run {parent.info.run_id}) has no finished trial yet: "
-                "run or resume the sweep first"
-            )
+            raise UserError(f"sweep {name!r} (MLflow run {parent.info.run_id}) has no finished trial yet: "
+                            "run or resume the sweep first")
         facts = compute(ev, cfg)
         doc = build(ev, facts, cfg, uri)
+    facts["figures"] = [f.name for f in doc.figures]
     try:
         (out / "figures").mkdir(parents=True, exist_ok=True)
+        for stale in set(stale_figures) - set(facts["figures"]):
+            (out / "figures" / stale).unlink(missing_ok=True)
         for f in doc.figures:
             _write(out / "figures" / f.name, f.png)
         _write(out / "report.md", doc.markdown().encode("utf-8"))
         _write(out / "report.html", doc.html(f"Sweep report: {name}").encode("utf-8"))
-        _write(out / "report.json", json.dumps(facts, indent=1, default=str).encode("utf-8"))
+        _write(out / "report.json", json.dumps(_finite(facts), indent=1, default=str, allow_nan=False).encode())
     except OSError as err:
         raise UserError(f"cannot write the report to {out}: {err.strerror or err}") from None
     run_id = parent.info.run_id
-    for file in ("report.md", "report.html", "report.json"):
-        client.log_artifact(run_id, str(out / file), "report")
-    for f in doc.figures:
-        client.log_artifact(run_id, str(out / "figures" / f.name), "report/figures")
-    answers = [
-        *activation_sentences(facts),
-        *dimension_sentences(facts["filters_and_layers"]),
-        *dimension_sentences(facts["dense_widths"]),
-        *epochs_sentences(facts)[:1],
-        *turning_sentences(facts),
-        *_winner_sentences(facts),
-    ]
-    return ReportResult(out, run_id, facts, answers)
+    try:
+        for file in REPORT_FILES:
+            client.log_artifact(run_id, str(out / file), "report")
+        for f in doc.figures:
+            client.log_artifact(run_id, str(out / "figures" / f.name), "report/figures")
+    except Exception as err:  # noqa: BLE001  the report is written; say what did not reach MLflow
+        raise UserError(f"the report is written to {out}, but logging it to MLflow run {run_id} failed: "
+                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    return ReportResult(out, run_id, facts, answers(facts))
 
 
 def run(cfg: DictConfig) -> ReportResult:
     result = make_report(cfg)
-    print(
-        f"report of sweep {result.facts['sweep']['name']!r}: {result.dir / 'report.md'}, "
-        f"{result.dir / 'report.html'} (also logged to MLflow run {result.sweep_run_id} under report/)"
-    )
+    print(f"report of sweep {result.facts['sweep']['name']!r}: {result.dir / 'report.md'}, "
+          f"{result.dir / 'report.html'} (also logged to MLflow run {result.sweep_run_id} under report/)")
     for line in result.answers:
         print(f"- {line}")
     return result
@@ -1466,5 +1384,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    cli.quote_path_overrides(("report.dir",))
+    cli.quote_path_overrides(("report.dir", "mlflow.store_dir"))
     main()

@@ -102,6 +102,13 @@ def swept(tmp_path_factory):
     return uri, data, tmp
 
 
+def spread(values: list[float]) -> str:
+    """mean ± sample std (n=N), or the one value (n=1): how the report writes a spread."""
+    if len(values) == 1:
+        return f"{values[0]:.4f} (n=1)"
+    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f} (n={len(values)})"
+
+
 def _history(client: MlflowClient, run_id: str, key: str) -> list[float]:
     return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
@@ -126,7 +133,9 @@ def test_the_report_command_answers_each_question_with_numbers_from_the_store(sw
         assert f">{section.replace('&', '&amp;')}</h" in page, section
     # self-contained: every figure of the Markdown is embedded in the HTML, nothing is fetched
     figures = re.findall(r"\]\(figures/([^)]+)\)", md)
-    assert len(figures) >= 8 and all((out / "figures" / f).is_file() for f in figures)
+    assert {"output_activation.png", "curves_1.png", "val_accuracy_vs_hyperparameters.png",
+            "confusion_matrix.png", "sample_images.png"} <= set(figures)
+    assert all((out / "figures" / f).is_file() for f in figures)
     assert page.count('src="data:image/png;base64,') == len(figures)
     assert not re.search(r'(src|href)="(?!data:)', page)
     for encoded, name in zip(re.findall(r'src="data:image/png;base64,([^"]+)"', page), figures):
@@ -158,25 +167,19 @@ def test_the_report_command_answers_each_question_with_numbers_from_the_store(sw
             f"output_activation={activation}: {collapsed} of {len(scores)} "
             f"({100 * collapsed / len(scores):.0f}%) sweep configurations collapsed"
         ) in md
-        std = float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0
-        assert f"{np.mean(scores):.4f} ± {std:.4f} (n={len(scores)})" in md
+        assert f"best val accuracy {spread(scores)}" in md
     working = {k: v for k, v in by_config.items() if v >= threshold}
     for width in ("8", "16"):
         scores = [v for (_, w), v in working.items() if w == width]
-        if scores:
-            std = float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0
-            n = len(scores)
-            assert f"| {width} | {n} | {n} | {np.mean(scores):.4f} ± {std:.4f} (n={n})" in md
+        if scores:  # value | configurations | trials | failed trials | best val accuracy
+            assert f"| {width} | {len(scores)} | {len(scores)} | 0 | {spread(scores)} |" in md
 
     # Table II: the two single LeNet-5 runs over their seeds, beside the study's 0.5136
     singles = [r for r in runs_of(uri, "train") if r.data.params["model.name"] == "lenet5"]
     tests = [r.data.metrics["test_accuracy"] for r in singles]
     assert len(tests) == 2
-    assert (
-        f"| lenet5 | sgd | softmax | 0.5136 | {np.mean(tests):.4f} ± {np.std(tests, ddof=1):.4f} (n=2) "
-        "| 0 1 |"
-        in md
-    )
+    # model | optimizer | study epochs | study | our output | our epochs | ours | seeds
+    assert f"| lenet5 | sgd | 25 | 0.5136 | softmax | 3 | {spread(tests)} | 0 1 |" in md
     # the winner: its seeds' mean and its one test evaluation, from the best run
     (best_run,) = runs_of(uri, "best")
     m = best_run.data.metrics
@@ -214,26 +217,6 @@ def test_the_report_command_answers_each_question_with_numbers_from_the_store(sw
         assert f"| {cls} | {summary['names'][i]} | {counts} |" in md
     assert summary["skipped"] >= 2 and f"Files left out: {summary['skipped']}" in md
 
-    # turning points: every run's epoch of minimum validation loss, recomputed from the metric histories
-    def working_run(r) -> bool:
-        return max(_history(client, r.info.run_id, "val_accuracy")) >= threshold
-
-    runs = [
-        max(
-            (t for t in trials if (t.data.params["output_activation"], t.data.params["dense_1"]) == k),
-            key=lambda t: t.data.metrics["epochs_run"],
-        )
-        for k in working
-    ]
-    runs += [r for r in [*runs_of(uri, "retrain"), *singles] if working_run(r)]
-    turned = []
-    for r in runs:
-        losses = _history(client, r.info.run_id, "val_loss")
-        at = int(np.argmin(losses)) + 1
-        if at < len(losses):
-            turned.append(at)
-    assert sorted(e for f in facts["turning_points"] for e in f["epochs"]) == sorted(turned)
-    assert sum(f["runs"] for f in facts["turning_points"]) == len(runs)
 
 
 def test_the_epochs_question_counts_best_accuracy_within_each_budget(swept, tmp_path):
@@ -245,6 +228,7 @@ def test_the_epochs_question_counts_best_accuracy_within_each_budget(swept, tmp_
             "mlflow.experiment=sweep",
             f"report.dir={tmp_path}",
             "report.epochs=[1,2,4]",
+            "report.turning_min_epochs=3",
         ]
     )
     facts = report.make_report(cfg).facts
@@ -265,6 +249,24 @@ def test_the_epochs_question_counts_best_accuracy_within_each_budget(swept, tmp_
             assert row["score"]["mean"] == pytest.approx(np.mean(scores))
     seeds = facts["epochs"]["retrainings"]
     assert len(seeds) == 2 and all(r["seeds"] == 2 for r in seeds)
+
+    # turning points: every run's epoch of minimum validation loss, recomputed from the metric histories,
+    # over the runs that trained at least report.turning_min_epochs (3) epochs and did not collapse
+    trials = runs_of(uri, "trial")
+    singles = [r for r in runs_of(uri, "train")]
+    runs = [r for r in [*trials, *runs_of(uri, "retrain"), *singles]
+            if max(_history(client, r.info.run_id, "val_accuracy")) >= threshold]
+    turned, counted = [], 0
+    for r in runs:
+        losses = _history(client, r.info.run_id, "val_loss")
+        if len(losses) < 3:
+            continue
+        counted += 1
+        at = int(np.argmin(losses)) + 1
+        if at < len(losses):
+            turned.append(at)
+    assert sorted(e for f in facts["turning_points"] for e in f["epochs"]) == sorted(turned)
+    assert sum(f["runs"] for f in facts["turning_points"]) == counted
 
 
 def test_make_report_reports_the_latest_sweep(swept, tmp_path):
@@ -344,8 +346,41 @@ def test_statistics_and_rank_correlation():
         and s["mean"] == pytest.approx(0.6)
         and s["std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
     )
-    assert report.stats([0.3])["std"] == 0.0 and report.stats([])["mean"] is None
+    assert report.stats([0.3])["std"] is None and report.stats([])["mean"] is None
+    assert report.pm(report.stats([0.3])) == "0.3000 (n=1)"
     assert report._spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert report._spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert report._spearman([1, 2], [1, 2]) is None
     assert report.pm(report.stats([0.5, 0.7])) == f"0.6000 ± {np.std([0.5, 0.7], ddof=1):.4f} (n=2)"
+
+
+def test_report_dir_holds_only_reports_and_a_rerun_replaces_its_own_files(swept, tmp_path):
+    uri, _, _ = swept
+    common = ["sweep.name=r", f"mlflow.tracking_uri={uri}", "mlflow.experiment=sweep", "report.top_trials=1"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="holds other files and no earlier report"):
+        report.make_report(compose_report([*common, f"report.dir={mine}"]))
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+    out = tmp_path / "out"
+    report.make_report(compose_report([*common, f"report.dir={out}"]))
+    earlier = json.loads((out / "report.json").read_text())
+    (out / "figures" / "curves_9.png").write_bytes(b"from an earlier report")  # one this report won't make
+    (out / "report.json").write_text(json.dumps(earlier | {"figures": [*earlier["figures"], "curves_9.png"]}))
+    (out / "notes.txt").write_text("keep me")
+    report.make_report(compose_report([*common, f"report.dir={out}"]))
+    assert not (out / "figures" / "curves_9.png").exists() and (out / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in (out / "figures").iterdir()) == sorted(earlier["figures"])
+
+
+def test_a_run_without_history_csv_reads_its_per_epoch_metrics(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.create_run(client.create_experiment("e"))
+    for epoch, (loss, val) in enumerate([(2.0, 0.3), (1.5, 0.5), (1.4, 0.45)], start=1):
+        client.log_metric(run.info.run_id, "val_loss", loss, step=epoch)
+        client.log_metric(run.info.run_id, "val_accuracy", val, step=epoch)
+    history = report.Artifacts(client, tmp_path / "dl").history(run.info.run_id)
+    assert [row["val_accuracy"] for row in history] == [0.3, 0.5, 0.45]
+    assert report.turning(history) == (3, False)
