@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -846,7 +847,7 @@ class Doc:
         return "\n\n".join(out) + "\n"
 
     def html(self, title: str) -> str:
-        e = html.escape
+        e = _inline
         body = []
         for block in self.blocks:
             kind = block[0]
@@ -864,7 +865,7 @@ class Doc:
                 f = block[1]
                 data = base64.b64encode(f.png).decode("ascii")
                 body.append(
-                    f'<figure><img alt="{e(f.caption)}" src="data:image/png;base64,{data}">'
+                    f'<figure><img alt="{html.escape(f.caption)}" src="data:image/png;base64,{data}">'
                     f"<figcaption>{e(f.caption)}</figcaption></figure>"
                 )
         style = (
@@ -874,9 +875,14 @@ class Doc:
             "figcaption{color:#555;font-size:13px}"
         )
         return (
-            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>'
+            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
         )
+
+
+def _inline(text: str) -> str:
+    """`text` escaped for HTML, with Markdown's `code` spans as <code>."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
 
 
 def _png(fig: Figure) -> bytes:
@@ -905,6 +911,13 @@ def pm(s: Mapping[str, Any]) -> str:
     if s["std"] is None:
         return f"{s['mean']:.4f} (n=1)"
     return f"{s['mean']:.4f} ± {s['std']:.4f} (n={s['n']})"
+
+
+def span(s: Mapping[str, Any]) -> str:
+    """The range of a stats() dict of counts: '25', or '3-25'."""
+    if not s or not s.get("n"):
+        return "–"
+    return f"{s['min']:g}" if s["min"] == s["max"] else f"{s['min']:g}-{s['max']:g}"
 
 
 def _share(k: int, n: int) -> str:
@@ -1032,7 +1045,7 @@ def build(ev: Evidence, facts: dict, cfg: DictConfig, store_uri: str) -> Doc:
     doc.heading(2, "Table II: test accuracy")
     rows = [[r["model"], r["optimizer"], r["study_budget"], acc(r["study"]), r["output_activation"], r["budget"],
              pm(r["ours"]), " ".join(str(s) for s in r["seeds"]) or "–", _share(r["collapsed"], len(r["seeds"])),
-             pm(r["epochs"])] for r in facts["table_ii"]]
+             span(r["epochs"])] for r in facts["table_ii"]]
     if ms:
         rows.append([f"sweep winner (trial {ms['winner_trial']})", "", "", "", "", "",
                      f"{acc(ms['test_accuracy'])} (once, by best)", ms["winner_seed"], "", ""])
