@@ -253,15 +253,14 @@ def gather(client: MlflowClient, experiment_id: str, parent, folder: Path) -> Ev
         ]
     )
     singles = []
-    for r in _all_runs(client, experiment_id, "attributes.status = 'FINISHED'"):
+    for r in store.all_runs(client, experiment_id, "attributes.status = 'FINISHED'"):
         same_data = all(r.data.params.get(k) == parent.data.params.get(k) for k in SAME_DATA)
         if r.data.tags.get("lenet_sweep.kind", "train") == "train" and same_data:
             singles.append(_run(r, "single", art.history(r.info.run_id)))
     winner_id = best.data.tags.get("lenet_sweep.winner_run_id") if best else None
     # The data check and Table I: the sweep's own (logged by sweeps since the report), else the winner's.
     sources = [parent_id, *([winner_id] if winner_id else []), *(r.run_id for r in retrains[:1])]
-    source = next((s for s in sources if art.json(s, "data/summary.json")), None)
-    data = art.json(source, "data/summary.json") if source else None
+    source, data = next(((s, d) for s in sources if (d := art.json(s, "data/summary.json"))), (None, None))
     if data and not data.get("listed"):  # older runs: count the split manifest, which lists every split
         data["listed"] = listed_counts(art.csv(source, "data/split_manifest.csv"), data.get("classes", []))
     packages = next((p for p in (art.json(s, "table_i_packages.json")
@@ -296,16 +295,6 @@ def listed_counts(manifest: Sequence[dict], classes: Sequence[str]) -> Optional[
         if row.get("split") in counts and row.get("class") in index:
             counts[row["split"]][index[row["class"]]] += 1
     return counts
-
-
-def _all_runs(client: MlflowClient, experiment_id: str, query: str) -> list:
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], query, max_results=1000, page_token=token)
-        runs += list(page)
-        token = page.token
-        if not token:
-            return runs
 
 
 # ---- the facts ---------------------------------------------------------------------------------

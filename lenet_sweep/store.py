@@ -103,16 +103,21 @@ def find_sweep(client: MlflowClient, experiment_id: str, name: Optional[str], ex
     return parent
 
 
-def trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list:
-    """Every child run of a sweep, oldest first."""
+def all_runs(client: MlflowClient, experiment_id: str, query: str) -> list:
+    """Every run of the experiment that `query` (an MLflow search filter) selects, oldest first."""
     runs, token = [], None
     while True:
-        page = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-                                  order_by=["attributes.start_time ASC"], max_results=1000, page_token=token)
+        page = client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"],
+                                  max_results=1000, page_token=token)
         runs += list(page)
         token = page.token
         if not token:
             return runs
+
+
+def trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list:
+    """Every child run of a sweep, oldest first."""
+    return all_runs(client, experiment_id, f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
 
 
 def latest_attempts(client: MlflowClient, experiment_id: str, parent_run_id: str) -> dict[str, Any]:
