@@ -321,19 +321,15 @@ def test_bad_requests_are_refused_with_a_clear_message(more, message, swept, tmp
 
 def test_a_missing_store_and_a_file_as_report_dir_are_refused(swept, tmp_path):
     uri, _, _ = swept
-    done = run_cli(
-        [
-            "lenet_sweep.report",
-            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'none' / 'mlflow.db'}",
-            f"report.dir={tmp_path}",
-        ]
-    )
-    assert done.returncode != 0 and "no MLflow store" in done.stderr and "Traceback" not in done.stderr
+    missing = compose_report([f"mlflow.tracking_uri=sqlite:///{tmp_path / 'none' / 'mlflow.db'}",
+                              f"report.dir={tmp_path / 'out'}"])
+    with pytest.raises(UserError, match="no MLflow store"):
+        report.make_report(missing)
+    assert not (tmp_path / "none").exists() and not (tmp_path / "out").exists()
     file = tmp_path / "taken"
     file.write_text("mine")
-    cfg = compose_report(
-        ["sweep.name=r", f"mlflow.tracking_uri={uri}", "mlflow.experiment=sweep", f"report.dir={file}"]
-    )
+    cfg = compose_report(["sweep.name=r", f"mlflow.tracking_uri={uri}", "mlflow.experiment=sweep",
+                          f"report.dir={file}"])
     with pytest.raises(UserError, match="is a file"):
         report.make_report(cfg)
     assert file.read_text() == "mine"
