@@ -337,14 +337,6 @@ def sweep_patience(params: Mapping[str, str]) -> Optional[int]:
     return None if recorded == "None" else int(recorded)
 
 
-def latest_best(client: MlflowClient, experiment_id: str, sweep_run_id: str):
-    """The latest `best` run of a sweep, or None."""
-    runs = client.search_runs([experiment_id], f"tags.`lenet_sweep.kind` = 'best' and "
-                              f"tags.`lenet_sweep.sweep_run_id` = '{sweep_run_id}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0] if runs else None
-
-
 def run_best(cfg: DictConfig, overridden: Sequence[str] = (),
              print_fn: Optional[Progress] = None) -> BestResult:
     """Choose, confirm, test once, export and register the winner of sweep `cfg.sweep.name`.
@@ -368,7 +360,7 @@ def run_best(cfg: DictConfig, overridden: Sequence[str] = (),
                 "best.seeds": cfg.best.seeds, "best.first_seed": cfg.best.first_seed,
                 "best.candidates": ",".join(c.trial_id for c in chosen),
                 "best.overrides": ",".join(f"{k}={OmegaConf.select(cfg, k)}" for k in overridden)}
-    latest = latest_best(client, experiment_id, parent.info.run_id)
+    latest = store.latest_best(client, experiment_id, parent.info.run_id)
     resumable = latest is not None and latest.info.status != "FINISHED" and all(
         latest.data.params.get(k) == str(v) for k, v in settings.items())
     previous = latest if resumable else None

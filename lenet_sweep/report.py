@@ -53,7 +53,6 @@ class Run:
     """One training run as the store holds it: a sweep trial, a `best` retraining or a single run."""
 
     run_id: str
-    kind: str  # trial | retrain | single
     status: str
     params: dict[str, str]
     metrics: dict[str, float]
@@ -203,8 +202,8 @@ def _int(text: Optional[str]) -> int:
     return int(value) if math.isfinite(value) else 0
 
 
-def _run(r, kind: str, history: list[dict[str, float]]) -> Run:
-    return Run(r.info.run_id, kind, r.info.status, dict(r.data.params), dict(r.data.metrics),
+def _run(r, history: list[dict[str, float]]) -> Run:
+    return Run(r.info.run_id, r.info.status, dict(r.data.params), dict(r.data.metrics),
                dict(r.data.tags), history, r.info.start_time or 0, r.info.end_time or 0)
 
 
@@ -231,23 +230,15 @@ def gather(client: MlflowClient, experiment_id: str, parent, folder: Path) -> Ev
     parent_id = parent.info.run_id
     dims = _space(art, parent)
     trials = [
-        _run(r, "trial", art.history(r.info.run_id) if r.info.status == "FINISHED" else [])
+        _run(r, art.history(r.info.run_id) if r.info.status == "FINISHED" else [])
         for r in store.latest_attempts(client, experiment_id, parent_id).values()
     ]
-    found = client.search_runs(
-        [experiment_id],
-        "tags.`lenet_sweep.kind` = 'best' and "
-        f"tags.`lenet_sweep.sweep_run_id` = '{parent_id}' and "
-        "attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    best = found[0] if found else None
+    best = store.latest_best(client, experiment_id, parent_id, finished=True)
     retrains = (
         []
         if best is None
         else [
-            _run(r, "retrain", art.history(r.info.run_id))
+            _run(r, art.history(r.info.run_id))
             for r in store.trial_runs(client, experiment_id, best.info.run_id)
             if r.info.status == "FINISHED"
         ]
@@ -256,7 +247,7 @@ def gather(client: MlflowClient, experiment_id: str, parent, folder: Path) -> Ev
     for r in store.all_runs(client, experiment_id, "attributes.status = 'FINISHED'"):
         same_data = all(r.data.params.get(k) == parent.data.params.get(k) for k in SAME_DATA)
         if r.data.tags.get("lenet_sweep.kind", "train") == "train" and same_data:
-            singles.append(_run(r, "single", art.history(r.info.run_id)))
+            singles.append(_run(r, art.history(r.info.run_id)))
     winner_id = best.data.tags.get("lenet_sweep.winner_run_id") if best else None
     # The data check and Table I: the sweep's own (logged by sweeps since the report), else the winner's.
     sources = [parent_id, *([winner_id] if winner_id else []), *(r.run_id for r in retrains[:1])]
@@ -581,7 +572,7 @@ def _epochs_facts(configs: Sequence[Configuration], retrains: Sequence[Run], bud
     for r in retrains:
         by_candidate.setdefault(r.tags.get("lenet_sweep.trial_id", "?"), []).append(r)
     for trial, runs in sorted(by_candidate.items()):
-        budget = int(runs[0].param("train.epochs") or 0)
+        budget = budget_of(runs[0])
         seeds.append(
             {
                 "trial": trial,

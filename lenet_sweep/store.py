@@ -120,6 +120,14 @@ def trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> 
     return all_runs(client, experiment_id, f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
 
 
+def latest_best(client: MlflowClient, experiment_id: str, sweep_run_id: str, finished: bool = False):
+    """The latest `best` run of a sweep (only a FINISHED one if `finished`), or None."""
+    query = (f"tags.`lenet_sweep.kind` = 'best' and tags.`lenet_sweep.sweep_run_id` = '{sweep_run_id}'"
+             + (" and attributes.status = 'FINISHED'" if finished else ""))
+    runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
 def latest_attempts(client: MlflowClient, experiment_id: str, parent_run_id: str) -> dict[str, Any]:
     """Each trial's latest attempt (its MLflow run), by trial id."""
     return {run.data.tags.get("lenet_sweep.trial_id", run.info.run_id): run
