@@ -8,7 +8,7 @@ TF_EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev
 DATA ?= $(wildcard ../shared/datasets/imagenette)
 ARGS ?=
 
-.PHONY: install browser test sweep report ui reproduce bench clean
+.PHONY: install browser lint fmt test sweep report ui reproduce bench clean
 
 install: $(VENV)/.installed
 
@@ -25,7 +25,16 @@ browser:
 		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 		|| echo "Chromium could not be installed: the browser test will be skipped"
 
-test: install browser
+# ruff (configured in pyproject.toml): `make lint` checks only, `make fmt` rewrites.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+fmt: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: install browser lint
 	$(PY) -m pytest -q $(ARGS)
 
 # The default sweep (conf/sweep.yaml): KerasTuner over conf/search/default.yaml, every trial in MLflow.

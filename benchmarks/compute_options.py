@@ -8,6 +8,7 @@ Prints training images/s (best of `ROUNDS` rounds of `STEPS` steps after a warm-
 LeNet, inference images/s at the validation batch sizes. `make bench` is the end-to-end benchmark; this
 script is the record of which compute options were tried (docs/RESULTS.md).
 """
+
 from __future__ import annotations
 
 import json
@@ -36,9 +37,9 @@ VARIANTS = {
 
 def measure(model_name: str, opts: dict) -> dict:
     """Runs in the child: build, warm up, time; returns images/s."""
+    import keras
     import numpy as np
     import tensorflow as tf
-    import keras
 
     if "intra" in opts:
         tf.config.threading.set_intra_op_parallelism_threads(opts["intra"])
@@ -51,11 +52,21 @@ def measure(model_name: str, opts: dict) -> dict:
     channels = opts.get("channels", 3)
     L = keras.layers
     if model_name == "lenet5":
-        size, convs, pool, dense, optimizer = (32, [(6, 5, "valid"), (16, 5, "valid")], L.AveragePooling2D,
-                                               [120, 84], "sgd")
+        size, convs, pool, dense, optimizer = (
+            32,
+            [(6, 5, "valid"), (16, 5, "valid")],
+            L.AveragePooling2D,
+            [120, 84],
+            "sgd",
+        )
     else:
-        size, convs, pool, dense, optimizer = (128, [(64, 3, "same"), (64, 3, "same"), (32, 3, "same")],
-                                               L.MaxPooling2D, [64], "adam")
+        size, convs, pool, dense, optimizer = (
+            128,
+            [(64, 3, "same"), (64, 3, "same"), (32, 3, "same")],
+            L.MaxPooling2D,
+            [64],
+            "adam",
+        )
     shape = (size, size, channels) if fmt == "channels_last" else (channels, size, size)
     x = inputs = keras.Input(shape)
     for filters, kernel, padding in convs:
@@ -70,13 +81,24 @@ def measure(model_name: str, opts: dict) -> dict:
         x = L.Dense(width, activation="relu")(x)
     model = keras.Model(inputs, L.Dense(10, activation="softmax")(x))
     spe = opts.get("steps_per_execution", 1)
-    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
-                  jit_compile=opts.get("jit_compile", False), steps_per_execution=spe)
+    model.compile(
+        optimizer=optimizer,
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        jit_compile=opts.get("jit_compile", False),
+        steps_per_execution=spe,
+    )
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (BATCH * 8, *shape), dtype=np.uint8)
     labels = rng.integers(0, 10, BATCH * 8).astype(np.int32)
-    ds = (tf.data.Dataset.from_tensor_slices((images, labels)).batch(BATCH)
-          .map(lambda a, b: (tf.cast(a, tf.float32) / 255.0, b)).cache().repeat().prefetch(2))
+    ds = (
+        tf.data.Dataset.from_tensor_slices((images, labels))
+        .batch(BATCH)
+        .map(lambda a, b: (tf.cast(a, tf.float32) / 255.0, b))
+        .cache()
+        .repeat()
+        .prefetch(2)
+    )
     batches = iter(ds)
     model.make_train_function()
     step = model.train_function
@@ -94,8 +116,12 @@ def measure(model_name: str, opts: dict) -> dict:
     result = {"train_images_per_second": calls * spe * BATCH / best}
     if model_name == "modified_lenet" and spe == 1:
         for eval_batch in (32, 256):
-            data = (tf.data.Dataset.from_tensor_slices(images).batch(eval_batch)
-                    .map(lambda a: tf.cast(a, tf.float32) / 255.0).cache())
+            data = (
+                tf.data.Dataset.from_tensor_slices(images)
+                .batch(eval_batch)
+                .map(lambda a: tf.cast(a, tf.float32) / 255.0)
+                .cache()
+            )
             model.predict(data, verbose=0)
             started = time.perf_counter()
             model.predict(data, verbose=0)
@@ -109,9 +135,11 @@ def main(models: list[str]) -> None:
         for name, (env, opts) in VARIANTS.items():
             child_env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
             child_env.update(env, TF_CPP_MIN_LOG_LEVEL="2")
-            code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
-                    "from compute_options import measure; "
-                    f"print('RESULT', json.dumps(measure({model_name!r}, {opts!r})))")
+            code = (
+                f"import json, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+                "from compute_options import measure; "
+                f"print('RESULT', json.dumps(measure({model_name!r}, {opts!r})))"
+            )
             done = subprocess.run([sys.executable, "-c", code], env=child_env, capture_output=True, text=True)
             line = [out for out in done.stdout.splitlines() if out.startswith("RESULT ")]
             result = json.loads(line[0][7:]) if line else {"error": done.stderr.strip().splitlines()[-1:]}
@@ -119,8 +147,14 @@ def main(models: list[str]) -> None:
             print(model_name, "|", name, "|", json.dumps(result), flush=True)
     print("\n| model | variant | train img/s | inference img/s, batch 32 | batch 256 |\n|---|---|---|---|---|")
     for model_name, name, r in rows:
-        cells = [f"{r[k]:.1f}" if k in r else "" for k in ("train_images_per_second",
-                 "inference_images_per_second_batch_32", "inference_images_per_second_batch_256")]
+        cells = [
+            f"{r[k]:.1f}" if k in r else ""
+            for k in (
+                "train_images_per_second",
+                "inference_images_per_second_batch_32",
+                "inference_images_per_second_batch_256",
+            )
+        ]
         print(f"| {model_name} | {name} | " + " | ".join(cells) + " |" + (f" {r['error']}" if "error" in r else ""))
 
 

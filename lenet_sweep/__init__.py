@@ -1,4 +1,5 @@
 """lenet_sweep: experiment-tracked training and hyperparameter sweeps for image classifiers."""
+
 import os
 
 # The input pipeline is tf.data and the ReLU-output loss semantics are TensorFlow's (models/lenet.py):

@@ -10,6 +10,7 @@ beside them. Each pipeline runs `bench.epochs` epochs in each of `bench.rounds` 
 the other pipeline, and its fastest epoch after each process's first counts; cases capped at `steps` train
 steps are extrapolated to a full epoch (all epoch timings are in the JSON output).
 """
+
 from __future__ import annotations
 
 import json
@@ -46,7 +47,7 @@ def numpy_matmul_gflops(n: int, repeats: int) -> float:
         started = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - started)
-    return 2 * n ** 3 / best / 1e9
+    return 2 * n**3 / best / 1e9
 
 
 def tensorflow_matmul_gflops(n: int, repeats: int) -> float:
@@ -61,7 +62,7 @@ def tensorflow_matmul_gflops(n: int, repeats: int) -> float:
         started = time.perf_counter()
         matmul(a, b).numpy()
         best = min(best, time.perf_counter() - started)
-    return 2 * n ** 3 / best / 1e9
+    return 2 * n**3 / best / 1e9
 
 
 def model_flops(model: keras.Model) -> tuple[float, float]:
@@ -105,40 +106,55 @@ class EpochTimer(keras.callbacks.Callback):
 
 
 def _datasets(cfg: DictConfig, pipeline: str) -> tuple[Any, Any, int, int, int, float, str]:
-    """(train, val, n_train, n_val, classes, seconds to prepare, how) for one pipeline."""
+    """(train, val, n_train, n_val, classes, seconds to prepare, how) for one pipeline; lenet_sweep's
+    (train, val) is (its PreparedData, None): trial.fit makes the datasets."""
     import tensorflow as tf
 
-    from lenet_sweep import data as D
-    from lenet_sweep.train import prepare_data
+    from lenet_sweep.data import prepare_data
 
     size, batch = cfg.model.input_size, cfg.train.batch_size
     started = time.perf_counter()
-    if pipeline == "lenet_sweep":
+    if pipeline == "lenet_sweep":  # trial.fit makes the datasets, as in every run
         prepared = prepare_data(cfg.data, size, cfg.seed, progress=lambda line: print(line, flush=True))
         train, val = prepared.decoded["train"], prepared.decoded["val"]
-        return (D.make_dataset(train, batch, shuffle=True, seed=cfg.seed), D.make_dataset(val, batch, shuffle=False),
-                len(train.labels), len(val.labels), len(prepared.splits.classes),
-                time.perf_counter() - started, "decode cache" if cfg.data.decode_cache else "decoded in memory")
+        return (
+            prepared,
+            None,
+            len(train.labels),
+            len(val.labels),
+            len(prepared.splits.classes),
+            time.perf_counter() - started,
+            "decode cache" if cfg.data.decode_cache else "decoded in memory",
+        )
     # The plain-Keras way: Keras' folder loader for train/, and val/ split 80:20 by the same loader.
     root = Path(cfg.data.root).expanduser()
     common = dict(image_size=(size, size), batch_size=batch, seed=cfg.seed, verbose=False)
     train = keras.utils.image_dataset_from_directory(root / "train", **common)
-    val = keras.utils.image_dataset_from_directory(root / "val", validation_split=cfg.data.test_fraction,
-                                                   subset="training", **common)
+    val = keras.utils.image_dataset_from_directory(
+        root / "val", validation_split=cfg.data.test_fraction, subset="training", **common
+    )
     n_train, n_val, classes = len(train.file_paths), len(val.file_paths), len(train.class_names)
     scale = lambda x, y: (x / 255.0, y)  # noqa: E731 - to [0, 1], as lenet_sweep scales
-    return (train.map(scale).prefetch(tf.data.AUTOTUNE), val.map(scale).prefetch(tf.data.AUTOTUNE),
-            n_train, n_val, classes, time.perf_counter() - started, "decoded every epoch")
+    return (
+        train.map(scale).prefetch(tf.data.AUTOTUNE),
+        val.map(scale).prefetch(tf.data.AUTOTUNE),
+        n_train,
+        n_val,
+        classes,
+        time.perf_counter() - started,
+        "decoded every epoch",
+    )
 
 
-def time_case(container: dict, pipeline: str, steps: int | None, val_steps: int | None,
-              epochs: int, matmul: tuple[int, int]) -> dict:
+def time_case(
+    container: dict, pipeline: str, steps: int | None, val_steps: int | None, epochs: int, matmul: tuple[int, int]
+) -> dict:
     """Time `epochs` epochs of one pipeline in this process; the fastest after the first counts.
     Runs in a child process (see `_in_child`)."""
     import tensorflow as tf
 
+    from lenet_sweep import trial
     from lenet_sweep.models import create_model
-    from lenet_sweep.train import compile_model, make_optimizer
 
     cfg = OmegaConf.create(container)
     train_ds, val_ds, n_train, n_val, classes, prep_seconds, how = _datasets(cfg, pipeline)
@@ -146,11 +162,14 @@ def time_case(container: dict, pipeline: str, steps: int | None, val_steps: int 
     if pipeline == "lenet_sweep":
         if cfg.train.deterministic:
             tf.config.experimental.enable_op_determinism()
-        model = compile_model(cfg, classes)
+        model = trial.compile_model(cfg, classes)
     else:
         model = create_model(cfg.model, classes)
-        model.compile(optimizer=make_optimizer(cfg.optimizer),
-                      loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+        model.compile(
+            optimizer=trial.make_optimizer(cfg.optimizer),
+            loss=keras.losses.SparseCategoricalCrossentropy(),
+            metrics=["accuracy"],
+        )
     batch = cfg.train.batch_size
     full_steps, full_val_steps = math.ceil(n_train / batch), math.ceil(n_val / batch)
     # Keras runs whole executions of `steps_per_execution` steps, so a cap is rounded up to one; both
@@ -159,8 +178,28 @@ def time_case(container: dict, pipeline: str, steps: int | None, val_steps: int 
     steps = min(math.ceil(steps / per_call) * per_call, full_steps) if steps else None
     val_steps = min(math.ceil(val_steps / per_call) * per_call, full_val_steps) if val_steps else None
     timer = EpochTimer()
-    model.fit(train_ds, validation_data=val_ds, epochs=epochs, steps_per_epoch=steps,
-              validation_steps=val_steps, callbacks=[timer], verbose=0, shuffle=False)
+    if pipeline == "lenet_sweep":  # the path every run takes (no MLflow run here: nothing is logged)
+        trial.fit(
+            cfg,
+            model,
+            train_ds,
+            seed=cfg.seed,
+            callbacks=[timer],
+            epochs=epochs,
+            steps_per_epoch=steps,
+            validation_steps=val_steps,
+        )
+    else:
+        model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=epochs,
+            steps_per_epoch=steps,
+            validation_steps=val_steps,
+            callbacks=[timer],
+            verbose=0,
+            shuffle=False,
+        )
     # The fastest epoch after the first (which traces the step functions and warms caches): this
     # machine shares its cores, and another tenant's load only ever makes an epoch slower.
     epoch_s, val_s = min(timer.epochs[1:] or timer.epochs)
@@ -171,19 +210,27 @@ def time_case(container: dict, pipeline: str, steps: int | None, val_steps: int 
     train_epoch_s = train_s * (full_steps / steps if steps else 1.0)
     val_epoch_s = val_s * (full_val_steps / val_steps if val_steps else 1.0)
     train_flops, _ = model_flops(model)
-    return {"pipeline": pipeline, "input": how, "prepare_seconds": prep_seconds,
-            "n_train": n_train, "n_val": n_val,
-            "epoch_timings": [{"epoch_seconds": e, "val_seconds": v} for e, v in timer.epochs],
-            "steps_timed": steps or full_steps,
-            "val_steps_timed": val_steps or full_val_steps, "extrapolated": bool(steps or val_steps),
-            "train_seconds": train_epoch_s, "val_seconds": val_epoch_s,
-            "epoch_seconds": train_epoch_s + val_epoch_s,
-            "train_images_per_second": train_images / train_s, "val_images_per_second": val_images / val_s,
-            "train_gflop_per_image": train_flops / 1e9,
-            "achieved_gflops": train_flops * train_images / train_s / 1e9,
-            "tf_matmul_gflops": tensorflow_matmul_gflops(*matmul),
-            "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "(TensorFlow's default)"),
-            "tensorflow": tf.__version__}
+    return {
+        "pipeline": pipeline,
+        "input": how,
+        "prepare_seconds": prep_seconds,
+        "n_train": n_train,
+        "n_val": n_val,
+        "epoch_timings": [{"epoch_seconds": e, "val_seconds": v} for e, v in timer.epochs],
+        "steps_timed": steps or full_steps,
+        "val_steps_timed": val_steps or full_val_steps,
+        "extrapolated": bool(steps or val_steps),
+        "train_seconds": train_epoch_s,
+        "val_seconds": val_epoch_s,
+        "epoch_seconds": train_epoch_s + val_epoch_s,
+        "train_images_per_second": train_images / train_s,
+        "val_images_per_second": val_images / val_s,
+        "train_gflop_per_image": train_flops / 1e9,
+        "achieved_gflops": train_flops * train_images / train_s / 1e9,
+        "tf_matmul_gflops": tensorflow_matmul_gflops(*matmul),
+        "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "(TensorFlow's default)"),
+        "tensorflow": tf.__version__,
+    }
 
 
 def _in_child(pipeline: str, *args) -> dict:
@@ -206,43 +253,55 @@ def run_bench(cfg: DictConfig, task_overrides: list[str]) -> dict:
     if not cfg.data.root:
         raise UserError("the benchmark reads a local dataset: set data.root=DIR (or make bench DATA=DIR)")
     if cfg.data.limit_per_class:
-        raise UserError("data.limit_per_class would time lenet_sweep on fewer images than the plain-Keras "
-                        "baseline, which reads whole folders: leave it unset for the benchmark")
-    for knob in ("epochs", "rounds", "matmul_size", "matmul_repeats"):
-        if cfg.bench[knob] < 1:
-            raise UserError(f"bench.{knob}={cfg.bench[knob]}: must be at least 1")
+        raise UserError(
+            "data.limit_per_class would time lenet_sweep on fewer images than the plain-Keras "
+            "baseline, which reads whole folders: leave it unset for the benchmark"
+        )
+    check(cfg)
     shared = [o for o in task_overrides if not o.lstrip("+~").startswith("bench")]
     cases = []
     for case in cfg.bench.cases:
         try:
-            case_cfg = hydra.compose(config_name="train", overrides=[*shared, f"model={case.model}",
-                                                                      f"optimizer={case.optimizer}"])
+            case_cfg = hydra.compose(
+                config_name="train", overrides=[*shared, f"model={case.model}", f"optimizer={case.optimizer}"]
+            )
         except HydraException as err:
-            raise UserError(f"the bench case {case.model}/{case.optimizer} cannot take these overrides: "
-                            f"{str(err).splitlines()[0]}") from None
+            raise UserError(
+                f"the bench case {case.model}/{case.optimizer} cannot take these overrides: {str(err).splitlines()[0]}"
+            ) from None
         check(case_cfg)
         cases.append((case, OmegaConf.to_container(case_cfg, resolve=True)))
     matmul = (cfg.bench.matmul_size, cfg.bench.matmul_repeats)
-    report: dict[str, Any] = {"machine": {"cpu": _cpu_name(), "cores": os.cpu_count(),
-                                          "python": platform.python_version()},
-                              "numpy_matmul_gflops": numpy_matmul_gflops(*matmul), "cases": []}
+    report: dict[str, Any] = {
+        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
+        "numpy_matmul_gflops": numpy_matmul_gflops(*matmul),
+        "cases": [],
+    }
     pipelines = PIPELINES if cfg.bench.baseline else PIPELINES[:1]
     for case, container in cases:
-        row = {"model": case.model, "optimizer": case.optimizer,
-               "input_size": container["model"]["input_size"], "results": {}}
+        row = {
+            "model": case.model,
+            "optimizer": case.optimizer,
+            "input_size": container["model"]["input_size"],
+            "results": {},
+        }
         # Rounds alternate the pipelines, so a neighbour's load on this shared machine hits both alike.
         for round_ in range(1, cfg.bench.rounds + 1):
             for pipeline in pipelines:
-                print(f"== {case.model} at {row['input_size']} px: {pipeline}, round {round_}/{cfg.bench.rounds}",
-                      flush=True)
-                result = _in_child(pipeline, container, pipeline, case.steps, case.val_steps, cfg.bench.epochs,
-                                   matmul)
+                print(
+                    f"== {case.model} at {row['input_size']} px: {pipeline}, round {round_}/{cfg.bench.rounds}",
+                    flush=True,
+                )
+                result = _in_child(pipeline, container, pipeline, case.steps, case.val_steps, cfg.bench.epochs, matmul)
                 best = row["results"].get(pipeline)
                 timings = (best["epoch_timings"] if best else []) + result["epoch_timings"]
                 if not best or result["epoch_seconds"] < best["epoch_seconds"]:
                     best = result
-                row["results"][pipeline] = {**best, "epoch_timings": timings,
-                                            "epochs_timed": max(round_, len(timings) - round_)}
+                row["results"][pipeline] = {
+                    **best,
+                    "epoch_timings": timings,
+                    "epochs_timed": max(round_, len(timings) - round_),
+                }
         report["cases"].append(row)
     return report
 
@@ -259,17 +318,26 @@ def _cpu_name() -> str:
 
 def format_report(report: dict) -> str:
     """The benchmark's numbers as a markdown table and a compute summary."""
-    lines = [f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores",
-             "", "| model | pipeline | input | s/epoch (train + val) | train s | val s | train img/s | "
-                 "val img/s | achieved GFLOP/s | timed |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores",
+        "",
+        "| model | pipeline | input | s/epoch (train + val) | train s | val s | train img/s | "
+        "val img/s | achieved GFLOP/s | timed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in report["cases"]:
         for pipeline, r in row["results"].items():
-            timed = (f"{r['steps_timed']} + {r['val_steps_timed']} steps, extrapolated" if r["extrapolated"]
-                     else "full epochs") + f", best of {r['epochs_timed']}"
-            lines.append(f"| {row['model']} ({row['input_size']} px) | {pipeline} | {r['input']} | "
-                         f"{r['epoch_seconds']:.1f} | {r['train_seconds']:.1f} | {r['val_seconds']:.1f} | "
-                         f"{r['train_images_per_second']:.0f} | {r['val_images_per_second']:.0f} | "
-                         f"{r['achieved_gflops']:.1f} | {timed} |")
+            timed = (
+                f"{r['steps_timed']} + {r['val_steps_timed']} steps, extrapolated"
+                if r["extrapolated"]
+                else "full epochs"
+            ) + f", best of {r['epochs_timed']}"
+            lines.append(
+                f"| {row['model']} ({row['input_size']} px) | {pipeline} | {r['input']} | "
+                f"{r['epoch_seconds']:.1f} | {r['train_seconds']:.1f} | {r['val_seconds']:.1f} | "
+                f"{r['train_images_per_second']:.0f} | {r['val_images_per_second']:.0f} | "
+                f"{r['achieved_gflops']:.1f} | {timed} |"
+            )
     lines.append("")
     best = {"NumPy": report["numpy_matmul_gflops"]}
     for row in report["cases"]:
@@ -281,14 +349,21 @@ def format_report(report: dict) -> str:
         ours = row["results"]["lenet_sweep"]
         base = row["results"].get("plain Keras")
         if base:
-            lines.append(f"{row['model']}: lenet_sweep {ours['epoch_seconds']:.1f} s/epoch vs plain Keras "
-                         f"{base['epoch_seconds']:.1f} s/epoch: {base['epoch_seconds'] / ours['epoch_seconds']:.2f}x "
-                         "faster")
-        lines.append(f"{row['model']}: {ours['train_gflop_per_image']:.3f} GFLOP per training image, "
-                     f"{ours['achieved_gflops']:.1f} GFLOP/s achieved = {ours['achieved_gflops'] / top:.0%} of the "
-                     f"best matmul ({top:.1f})"
-                     + (f"; plain Keras {base['achieved_gflops']:.1f} GFLOP/s = "
-                        f"{base['achieved_gflops'] / top:.0%}" if base else ""))
+            lines.append(
+                f"{row['model']}: lenet_sweep {ours['epoch_seconds']:.1f} s/epoch vs plain Keras "
+                f"{base['epoch_seconds']:.1f} s/epoch: {base['epoch_seconds'] / ours['epoch_seconds']:.2f}x "
+                "faster"
+            )
+        lines.append(
+            f"{row['model']}: {ours['train_gflop_per_image']:.3f} GFLOP per training image, "
+            f"{ours['achieved_gflops']:.1f} GFLOP/s achieved = {ours['achieved_gflops'] / top:.0%} of the "
+            f"best matmul ({top:.1f})"
+            + (
+                f"; plain Keras {base['achieved_gflops']:.1f} GFLOP/s = {base['achieved_gflops'] / top:.0%}"
+                if base
+                else ""
+            )
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -1,9 +1,11 @@
 """What every `python -m lenet_sweep.<command>` does around its work: one-line errors, clean interrupts."""
+
 from __future__ import annotations
 
 import signal
 import sys
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from lenet_sweep.errors import UserError
 
@@ -47,10 +49,22 @@ def quote_path_overrides(keys: tuple[str, ...] = (), list_keys: tuple[str, ...] 
     """
     for i, arg in enumerate(sys.argv[1:], start=1):
         key, sep, value = arg.partition("=")
-        if (not sep or not value or value[0] in "'\"" or (value[0] == "[" and value[-1] == "]")
-                or value == "null" or value.startswith("${")):
+        if (
+            not sep
+            or not value
+            or value[0] in "'\""
+            or (value[0] == "[" and value[-1] == "]")
+            or value == "null"
+            or value.startswith("${")
+        ):
             continue
         if key in list_keys:
             sys.argv[i] = f"{key}=[{','.join(_quoted(v) for v in value.split(',') if v)}]"
         elif key in keys:
             sys.argv[i] = f"{key}={_quoted(value)}"
+
+
+def clock(seconds: float) -> str:
+    """Seconds as h:mm:ss, for progress lines."""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -1,101 +1,183 @@
 """Structured configs: the schema Hydra type-checks conf/*.yaml against.
 
-The YAML files carry the values and their units; these dataclasses carry the types, so a bad
-override such as `train.epochs=fail` fails at composition with Hydra's own message.
+The YAML files carry every value and its unit; these dataclasses carry the types, the closed sets (Enums)
+and the ranges (`knob(...)` metadata, checked by `check`). A value lives in one place: fields the YAML sets
+have no default here (MISSING), so the two cannot drift. A bad override such as `train.epochs=fail` or
+`model.pooling=mean` fails at composition with Hydra's message naming the key and what it takes;
+`train.epochs=0` fails in `check` with one line naming the key and its range.
 """
+
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from lenet_sweep.errors import UserError
 
 
+class Choice(str, Enum):
+    """A closed set of config values; a member is its YAML string (str(x), f"{x}", == "avg")."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Padding(Choice):
+    valid = "valid"
+    same = "same"
+
+
+class Pooling(Choice):
+    avg = "avg"
+    max = "max"
+
+
+class Interpolation(Choice):
+    """tf.image.resize's methods."""
+
+    bilinear = "bilinear"
+    nearest = "nearest"
+    bicubic = "bicubic"
+    area = "area"
+    lanczos3 = "lanczos3"
+    lanczos5 = "lanczos5"
+    gaussian = "gaussian"
+    mitchellcubic = "mitchellcubic"
+
+
+class TunerKind(Choice):
+    random = "random"
+    bayesian = "bayesian"
+    hyperband = "hyperband"
+
+
+class SpaceType(Choice):
+    choice = "choice"
+    int = "int"
+    float = "float"
+    boolean = "boolean"
+
+
+class Sampling(Choice):
+    linear = "linear"
+    log = "log"
+    reverse_log = "reverse_log"
+
+
+def knob(
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+    choices: tuple | None = None,
+    why: str | None = None,
+    default: Any = MISSING,
+) -> Any:
+    """A schema field with its range (ge/gt/lt/le; for a list, of every entry) or its allowed values, and
+    `why` the range is what it is (added to the message). No default (MISSING): the YAML sets it; entries
+    of lists that are partial by design (bench cases, study rows) take `default`."""
+    limits = {"ge": ge, "gt": gt, "lt": lt, "le": le, "choices": choices, "why": why}
+    return field(default=default, metadata={k: v for k, v in limits.items() if v is not None})
+
+
+# ---- one training run ----------------------------------------------------------------------------
+
+
 @dataclass
 class DataConfig:
-    root: Optional[str] = None
-    url: str = ""
-    checksum: Optional[str] = None
-    cache_dir: Optional[str] = None
-    test_fraction: float = 0.2
-    split_seed: Optional[int] = None
-    limit_per_class: Optional[int] = None
-    interpolation: str = "bilinear"
-    antialias: bool = False
-    decode_threads: int = 2
-    decode_cache: Optional[str] = None
-    class_names: Dict[str, str] = field(default_factory=dict)
+    root: Optional[str] = MISSING
+    url: str = MISSING
+    checksum: Optional[str] = MISSING
+    cache_dir: Optional[str] = MISSING
+    test_fraction: float = knob(gt=0.0, lt=1.0)
+    split_seed: Optional[int] = knob(ge=0)
+    limit_per_class: Optional[int] = knob(ge=1)
+    interpolation: Interpolation = MISSING
+    antialias: bool = MISSING
+    decode_threads: int = knob(ge=1)
+    decode_cache: Optional[str] = MISSING
+    class_names: Dict[str, str] = MISSING
 
 
 @dataclass
 class ModelConfig:
-    name: str = "lenet5"
-    family: str = "lenet"
-    input_size: int = 32
-    filters: List[int] = field(default_factory=lambda: [6, 16])
-    kernel_sizes: List[int] = field(default_factory=lambda: [5, 5])
-    padding: str = "valid"
-    conv_activation: str = "relu"
-    pooling: str = "avg"
-    dense: List[int] = field(default_factory=lambda: [120, 84])
-    dense_activation: str = "relu"
-    output_activation: str = "softmax"
-    conv_layers: Optional[int] = None
-    batch_norm: bool = False
-    dropout: float = 0.0
-    augment_flip: bool = False
-    augment_shift: float = 0.0
+    name: str = MISSING
+    family: str = MISSING  # a key of lenet_sweep.models.BUILDERS (checked there: the registry is open)
+    input_size: int = knob(ge=2)
+    filters: List[int] = knob(ge=1)
+    kernel_sizes: List[int] = knob(ge=1)
+    padding: Padding = MISSING
+    conv_activation: str = MISSING  # any Keras activation (an open set: checked by the builder)
+    pooling: Pooling = MISSING
+    dense: List[int] = knob(ge=1)
+    dense_activation: str = MISSING
+    output_activation: str = MISSING
+    conv_layers: Optional[int] = knob(ge=1)
+    batch_norm: bool = MISSING
+    dropout: float = knob(ge=0.0, lt=1.0)
+    augment_flip: bool = MISSING
+    augment_shift: float = knob(ge=0.0, lt=1.0)
 
 
 @dataclass
 class OptimizerConfig:
     """Fields every Keras optimizer takes; `name` is the Keras class (SGD, Adam, ...)."""
 
-    name: str = "SGD"
-    learning_rate: float = 0.01
-    weight_decay: Optional[float] = None
-    clipnorm: Optional[float] = None
-    clipvalue: Optional[float] = None
-    global_clipnorm: Optional[float] = None
-    use_ema: bool = False
-    ema_momentum: float = 0.99
-    gradient_accumulation_steps: Optional[int] = None
+    name: str = MISSING
+    learning_rate: float = knob(gt=0.0)
+    weight_decay: Optional[float] = knob(ge=0.0)
+    clipnorm: Optional[float] = knob(gt=0.0)
+    clipvalue: Optional[float] = knob(gt=0.0)
+    global_clipnorm: Optional[float] = knob(gt=0.0)
+    use_ema: bool = MISSING
+    ema_momentum: float = knob(ge=0.0, le=1.0)
+    gradient_accumulation_steps: Optional[int] = knob(ge=1)
 
 
 @dataclass
 class SGDConfig(OptimizerConfig):
-    momentum: float = 0.0
-    nesterov: bool = False
+    momentum: float = knob(ge=0.0, le=1.0)
+    nesterov: bool = MISSING
 
 
 @dataclass
 class AdamConfig(OptimizerConfig):
-    name: str = "Adam"
-    learning_rate: float = 0.001
-    beta_1: float = 0.9
-    beta_2: float = 0.999
-    epsilon: float = 1e-7
-    amsgrad: bool = False
+    beta_1: float = knob(ge=0.0, lt=1.0)
+    beta_2: float = knob(ge=0.0, lt=1.0)
+    epsilon: float = knob(gt=0.0)
+    amsgrad: bool = MISSING
+
+
+OPTIMIZER_SCHEMAS = {"SGD": SGDConfig, "Adam": AdamConfig}  # optimizer.name -> its schema
 
 
 @dataclass
 class TrainLoopConfig:
-    epochs: int = 25
-    batch_size: int = 32
-    steps_per_execution: int = 1
-    deterministic: bool = True
-    keras_verbose: str = "auto"
-    sample_grid: int = 5
+    epochs: int = knob(ge=1)
+    batch_size: int = knob(ge=1)
+    steps_per_execution: int = knob(ge=1)
+    deterministic: bool = MISSING
+    keras_verbose: str = knob(choices=("auto", "0", "1", "2"))
+    sample_grid: int = knob(ge=1)
 
 
 @dataclass
-class MlflowConfig:
-    tracking_uri: Optional[str] = None
-    store_dir: str = "mlruns"
-    experiment: str = "lenet_sweep"
-    run_name: Optional[str] = None
+class StoreConfig:
+    tracking_uri: Optional[str] = MISSING
+    store_dir: str = MISSING
+
+
+@dataclass
+class MlflowConfig(StoreConfig):
+    experiment: str = MISSING
+    run_name: Optional[str] = MISSING
 
 
 @dataclass
@@ -106,40 +188,61 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
-    seed: int = 0
+    seed: int = knob(ge=0)
+
+
+def typed_train_config(tree: Any, partial: bool = False) -> DictConfig:
+    """A recorded training config (plain dict) typed by the schema, its optimizer by `optimizer.name`.
+
+    Raises OmegaConf's error for a value the schema refuses; `partial` allows missing keys (old runs).
+    """
+    name = ((tree or {}).get("optimizer") or {}).get("name")
+    schema = TrainConfig(optimizer=OPTIMIZER_SCHEMAS.get(name, SGDConfig)())
+    typed = OmegaConf.merge(OmegaConf.structured(schema), tree)
+    if not partial:
+        missing = sorted(OmegaConf.missing_keys(typed))
+        if missing:
+            raise UserError(
+                f"the recorded config lacks {', '.join(missing[:5])}: record the run again "
+                "with this version of lenet_sweep"
+            )
+    return typed
+
+
+# ---- the study, the benchmark ------------------------------------------------------------------
 
 
 @dataclass
 class StudyRun:
-    model: str = "lenet5"
-    optimizer: str = "sgd"
-    test_accuracy: float = 0.0
-    epochs: Optional[int] = None
-    overfits_after: Optional[int] = None  # the study's epoch where validation loss turns up
+    model: str = MISSING
+    optimizer: str = MISSING
+    test_accuracy: float = knob(ge=0.0, le=1.0)
+    epochs: Optional[int] = knob(ge=1, default=None)
+    overfits_after: Optional[int] = knob(ge=1, default=None)  # the study's epoch where validation loss turns up
 
 
 @dataclass
 class ReproduceConfig(TrainConfig):
-    study: List[StudyRun] = field(default_factory=list)
+    study: List[StudyRun] = MISSING
 
 
 @dataclass
 class BenchCase:
-    model: str = "lenet5"
-    optimizer: str = "sgd"
-    steps: Optional[int] = None
-    val_steps: Optional[int] = None
+    model: str = MISSING
+    optimizer: str = MISSING
+    steps: Optional[int] = knob(ge=1, default=None)  # a case given on the command line may leave these out
+    val_steps: Optional[int] = knob(ge=1, default=None)
 
 
 @dataclass
 class BenchSettings:
-    cases: List[BenchCase] = field(default_factory=list)
-    epochs: int = 3
-    rounds: int = 2
-    baseline: bool = True
-    matmul_size: int = 4096
-    matmul_repeats: int = 3
-    output: Optional[str] = None
+    cases: List[BenchCase] = MISSING
+    epochs: int = knob(ge=1)
+    rounds: int = knob(ge=1)
+    baseline: bool = MISSING
+    matmul_size: int = knob(ge=1)
+    matmul_repeats: int = knob(ge=1)
+    output: Optional[str] = MISSING
 
 
 @dataclass
@@ -147,52 +250,74 @@ class BenchConfig(TrainConfig):
     bench: BenchSettings = field(default_factory=BenchSettings)
 
 
+# ---- the sweep ---------------------------------------------------------------------------------
+
+
 @dataclass
 class HyperParameterSpec:
-    """One dimension of a search space: which config key it sets and KerasTuner's hp arguments."""
+    """One dimension of a search space: which config key it sets and KerasTuner's hp arguments.
 
-    key: str = ""                  # config key it sets ("model.filters.0"); "optimizer" picks the group
-    type: str = "choice"           # choice | int | float | boolean
+    Entries are partial by design (a choice has no `min`), so the defaults here are the entries' own.
+    """
+
+    key: str = ""  # config key it sets ("model.filters.0"); "optimizer" picks the group
+    type: SpaceType = SpaceType.choice
     values: Optional[List[Any]] = None  # choice: the values
-    min: Optional[float] = None    # int/float: lowest value
-    max: Optional[float] = None    # int/float: highest value
-    step: Optional[float] = None   # int/float: grid step; null: continuous float / step 1 int
-    sampling: str = "linear"       # linear | log | reverse_log
+    min: Optional[float] = None  # int/float: lowest value
+    max: Optional[float] = None  # int/float: highest value
+    step: Optional[float] = None  # int/float: grid step; null: continuous float / step 1 int
+    sampling: Sampling = Sampling.linear
     default: Optional[Any] = None  # first value KerasTuner tries; null: its own default
     when: Optional[Dict[str, List[Any]]] = None  # active only when these hyperparameters take these values
 
 
 @dataclass
 class SearchConfig:
-    name: str = "default"
+    name: str = MISSING
     # Entries are HyperParameterSpec; typed when the sweep reads them (lenet_sweep.sweep.typed_space),
     # so `+search.space.NAME={...}` on the command line can add one.
-    space: Dict[str, Any] = field(default_factory=dict)
+    space: Dict[str, Any] = MISSING
 
 
 @dataclass
 class TunerConfig:
-    kind: str = "hyperband"
-    max_trials: Optional[int] = None
-    executions_per_trial: int = 1
-    seed: int = 1
-    max_consecutive_failed_trials: int = 3
-    max_epochs: int = 25
-    factor: int = 3
-    hyperband_iterations: int = 1
-    num_initial_points: Optional[int] = None
-    alpha: float = 1e-4
-    beta: float = 2.6
+    """What every tuner takes; conf/tuner/<kind>.yaml picks the subclass, so a knob of another tuner
+    (`tuner=random tuner.factor=9`) is refused."""
+
+    kind: TunerKind = MISSING
+    max_trials: Optional[int] = knob(ge=1)
+    executions_per_trial: int = knob(ge=1)
+    seed: int = knob(ge=1, why="KerasTuner reads 0 as unseeded")  # its oracles take `seed or random...`
+    max_consecutive_failed_trials: int = knob(ge=1)
+
+
+@dataclass
+class RandomTunerConfig(TunerConfig):
+    pass
+
+
+@dataclass
+class BayesianTunerConfig(TunerConfig):
+    num_initial_points: Optional[int] = knob(ge=1)
+    alpha: float = knob(gt=0.0)
+    beta: float = knob(ge=0.0)
+
+
+@dataclass
+class HyperbandTunerConfig(TunerConfig):
+    max_epochs: int = knob(ge=1)
+    factor: int = knob(ge=2)
+    hyperband_iterations: int = knob(ge=1)
 
 
 @dataclass
 class SweepSettings:
-    name: str = "default"
-    dir: str = "sweeps"
-    overwrite: bool = False
-    early_stopping_patience: Optional[int] = 3
-    time_limit_minutes: Optional[float] = None
-    top: int = 5
+    name: str = MISSING
+    dir: str = MISSING
+    overwrite: bool = MISSING
+    early_stopping_patience: Optional[int] = knob(ge=1)
+    time_limit_minutes: Optional[float] = knob(gt=0.0)
+    top: int = knob(ge=0)
 
 
 @dataclass
@@ -202,24 +327,27 @@ class SweepConfig(TrainConfig):
     sweep: SweepSettings = field(default_factory=SweepSettings)
 
 
+# ---- best, export, predict ---------------------------------------------------------------------
+
+
 @dataclass
 class SweepRef:
-    name: str = "default"
+    name: str = MISSING
 
 
 @dataclass
 class BestSettings:
-    top_k: int = 3
-    seeds: int = 3
-    first_seed: int = 1000
+    top_k: int = knob(ge=1)
+    seeds: int = knob(ge=1)
+    first_seed: int = knob(ge=0)
 
 
 @dataclass
 class ExportSettings:
-    dir: Optional[str] = None
-    overwrite: bool = False
-    registered_model: Optional[str] = "lenet_sweep-best"
-    alias: Optional[str] = "champion"
+    dir: Optional[str] = MISSING
+    overwrite: bool = MISSING
+    registered_model: Optional[str] = MISSING
+    alias: Optional[str] = MISSING
 
 
 @dataclass
@@ -231,39 +359,42 @@ class BestConfig(ReproduceConfig):
 
 @dataclass
 class PredictSettings:
-    top_k: int = 3
-    output: Optional[str] = None
-    batch_size: int = 32
+    top_k: int = knob(ge=1)
+    output: Optional[str] = MISSING
+    batch_size: int = knob(ge=1)
 
 
 @dataclass
 class ExportFolder:
-    dir: Optional[str] = None
+    dir: Optional[str] = MISSING
 
 
 @dataclass
 class PredictConfig:
     export: ExportFolder = field(default_factory=ExportFolder)
-    images: List[str] = field(default_factory=list)
+    images: List[str] = MISSING
     predict: PredictSettings = field(default_factory=PredictSettings)
+
+
+# ---- report, ui --------------------------------------------------------------------------------
 
 
 @dataclass
 class SweepName:
-    name: Optional[str] = None
+    name: Optional[str] = MISSING
 
 
 @dataclass
 class ReportSettings:
-    dir: Optional[str] = None
-    top_trials: int = 3
-    chance_margin: float = 0.05
-    epochs: List[int] = field(default_factory=lambda: [5, 10, 25])
-    turning_min_epochs: int = 9
-    confused_pairs: int = 5
-    misclassified: int = 16
-    grid_columns: int = 4
-    study_packages: Dict[str, Optional[str]] = field(default_factory=dict)
+    dir: Optional[str] = MISSING
+    top_trials: int = knob(ge=0)
+    chance_margin: float = knob(ge=0.0, lt=1.0)
+    epochs: List[int] = knob(ge=1)
+    turning_min_epochs: int = knob(ge=2)
+    confused_pairs: int = knob(ge=0)
+    misclassified: int = knob(ge=0)
+    grid_columns: int = knob(ge=1)
+    study_packages: Dict[str, Optional[str]] = MISSING
 
 
 @dataclass
@@ -274,39 +405,104 @@ class ReportConfig(ReproduceConfig):
 
 @dataclass
 class UiSettings:
-    host: str = "127.0.0.1"
-    port: int = 5000
+    host: str = MISSING
+    port: int = knob(ge=1, le=65535)
 
 
 @dataclass
 class UiConfig:
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    mlflow: StoreConfig = field(default_factory=StoreConfig)
     ui: UiSettings = field(default_factory=UiSettings)
+
+
+SCHEMAS = {
+    "train": TrainConfig,
+    "reproduce": ReproduceConfig,
+    "bench": BenchConfig,
+    "sweep": SweepConfig,
+    "best": BestConfig,
+    "predict": PredictConfig,
+    "ui": UiConfig,
+    "report": ReportConfig,
+}
+GROUP_SCHEMAS = {
+    ("optimizer", "sgd_schema"): SGDConfig,
+    ("optimizer", "adam_schema"): AdamConfig,
+    ("tuner", "random_schema"): RandomTunerConfig,
+    ("tuner", "bayesian_schema"): BayesianTunerConfig,
+    ("tuner", "hyperband_schema"): HyperbandTunerConfig,
+}
 
 
 def register_configs() -> None:
     """Register the schemas under the names the YAML defaults lists use."""
     cs = ConfigStore.instance()
-    cs.store(group="schema", name="train", node=TrainConfig)
-    cs.store(group="optimizer", name="sgd_schema", node=SGDConfig)
-    cs.store(group="optimizer", name="adam_schema", node=AdamConfig)
-    cs.store(group="schema", name="reproduce", node=ReproduceConfig)
-    cs.store(group="schema", name="bench", node=BenchConfig)
-    cs.store(group="schema", name="sweep", node=SweepConfig)
-    cs.store(group="schema", name="best", node=BestConfig)
-    cs.store(group="schema", name="predict", node=PredictConfig)
-    cs.store(group="schema", name="ui", node=UiConfig)
-    cs.store(group="schema", name="report", node=ReportConfig)
+    for name, node in SCHEMAS.items():
+        cs.store(group="schema", name=name, node=node)
+    for (group, name), node in GROUP_SCHEMAS.items():
+        cs.store(group=group, name=name, node=node)
 
 
-def check(cfg: Any) -> None:
-    """Value checks that types cannot express; raises UserError naming the knob."""
-    at_least_one = {"train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
-                    "train.sample_grid": cfg.train.sample_grid,
-                    "train.steps_per_execution": cfg.train.steps_per_execution,
-                    "data.decode_threads": cfg.data.decode_threads}
-    for knob, value in at_least_one.items():
-        if value < 1:
-            raise UserError(f"{knob}={value}: must be at least 1")
-    if cfg.train.keras_verbose not in ("auto", "0", "1", "2"):
-        raise UserError(f"train.keras_verbose={cfg.train.keras_verbose!r}: choose auto, 0, 1 or 2")
+# ---- value checks --------------------------------------------------------------------------------
+
+
+def _violation(value: Any, limits: dict[str, Any]) -> str:
+    """Why `value` is outside `limits` ('' if it is not)."""
+    if "choices" in limits and str(value) not in limits["choices"]:
+        return f"choose one of {', '.join(limits['choices'])}"
+    checks = (
+        ("ge", lambda v, x: v >= x, "at least"),
+        ("gt", lambda v, x: v > x, "more than"),
+        ("le", lambda v, x: v <= x, "at most"),
+        ("lt", lambda v, x: v < x, "less than"),
+    )
+    if all(ok(value, limits[k]) for k, ok, _ in checks if k in limits):
+        return ""
+    why = f" ({limits['why']})" if "why" in limits else ""
+    return "must be " + " and ".join(f"{words} {limits[k]:g}" for k, _, words in checks if k in limits) + why
+
+
+def check(cfg: Any, prefix: str = "") -> None:
+    """Every range and choice the schema declares (`knob`), over the whole config (its keys shown after
+    `prefix`); a UserError naming the first key that is out of range, e.g. "train.epochs=0: must be at least 1"."""
+    for path, value, limits in _knobs(cfg, prefix):
+        for item in value if isinstance(value, (list, tuple, ListConfig)) else [value]:
+            why = _violation(item, limits) if item is not None else ""
+            if why:
+                shown = list(value) if isinstance(value, ListConfig) else value
+                raise UserError(f"{path}={shown}: {why}")
+
+
+def _knobs(node: Any, prefix: str):
+    """(key path, value, limits) of every field with limits under `node`, lists of nodes included."""
+    if isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            if isinstance(item, (DictConfig, ListConfig)):
+                yield from _knobs(item, f"{prefix}{i}.")
+        return
+    if not isinstance(node, DictConfig):
+        return
+    schema = OmegaConf.get_type(node)
+    fields = {f.name: f for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else {}
+    for key in node.keys():
+        if OmegaConf.is_missing(node, key):
+            continue
+        value = node[key]
+        limits = dict(fields[key].metadata) if key in fields else {}
+        if limits:
+            yield f"{prefix}{key}", value, limits
+        if isinstance(value, (DictConfig, ListConfig)):
+            yield from _knobs(value, f"{prefix}{key}.")
+
+
+def one_line(err: Exception, where: str = "") -> str:
+    """OmegaConf's multi-line validation message as one line: "where.key='x': choose one of a, b" for a
+    closed set, else "where: <first line>"."""
+    text = str(err)
+    found = re.search(r"full_key: (\S+)", text)
+    first = text.splitlines()[0] if text else type(err).__name__
+    enum = re.match(r"Invalid value '(.*)', expected one of \[(.*)\]", first)
+    if enum and found:
+        key = f"{where}.{found.group(1)}" if where else found.group(1)
+        return f"{key}={enum.group(1)!r}: choose one of {enum.group(2)}"
+    return f"{where}: {first}" if where else first

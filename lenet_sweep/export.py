@@ -12,14 +12,16 @@ The model takes float32 RGB images in [0, 1], (N, size, size, 3), and returns cl
 ReLU output returns non-negative scores: argmax is still the prediction). `images_for` turns files into
 that input exactly as training decoded them.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -28,18 +30,28 @@ from lenet_sweep import data as D
 from lenet_sweep.errors import UserError
 
 MODEL, SAVED_MODEL, LABELS, PREPROCESSING, CONFIG, CARD = (
-    "model.keras", "saved_model/1", "labels.json", "preprocessing.json", "config.yaml", "MODEL_CARD.md")
+    "model.keras",
+    "saved_model/1",
+    "labels.json",
+    "preprocessing.json",
+    "config.yaml",
+    "MODEL_CARD.md",
+)
 TOP_LEVEL = {MODEL, SAVED_MODEL.split("/")[0], LABELS, PREPROCESSING, CONFIG, CARD}  # all an export holds
 
 
 def preprocessing(input_size: int, interpolation: str, antialias: bool) -> dict[str, Any]:
     """What `preprocessing.json` says: how a file becomes the model's input (see data.py)."""
-    return {"input_size": input_size, "layout": "NHWC", "channels": "RGB", "dtype": "float32",
-            # x / 255 in float32, as data.make_dataset scales batches (not x * (1/255), which rounds apart)
-            "divide_by": 255.0,
-            "resize": {"method": interpolation, "antialias": antialias, "library": "tf.image.resize"},
-            "decode": "Pillow; grayscale, CMYK and palette converted to RGB, alpha dropped, "
-                      "16-bit scaled to 8-bit"}
+    return {
+        "input_size": input_size,
+        "layout": "NHWC",
+        "channels": "RGB",
+        "dtype": "float32",
+        # x / 255 in float32, as data.make_dataset scales batches (not x * (1/255), which rounds apart)
+        "divide_by": 255.0,
+        "resize": {"method": interpolation, "antialias": antialias, "library": "tf.image.resize"},
+        "decode": "Pillow; grayscale, CMYK and palette converted to RGB, alpha dropped, 16-bit scaled to 8-bit",
+    }
 
 
 def labels(classes: Sequence[str], names: Sequence[str]) -> dict[str, Any]:
@@ -59,17 +71,22 @@ def check_target(folder: str | os.PathLike | None, overwrite: bool) -> Path:
     if target.is_dir() and any(target.iterdir()):
         others = sorted(p.name for p in target.iterdir() if p.name not in TOP_LEVEL)
         if others or not (target / MODEL).is_file():
-            raise UserError(f"export.dir={str(target)!r} holds files that are not a lenet_sweep export "
-                            f"({', '.join(others[:3]) or 'no model.keras'}): choose a new or empty folder "
-                            "(nothing there was touched)")
+            raise UserError(
+                f"export.dir={str(target)!r} holds files that are not a lenet_sweep export "
+                f"({', '.join(others[:3]) or 'no model.keras'}): choose a new or empty folder "
+                "(nothing there was touched)"
+            )
         if not overwrite:
-            raise UserError(f"export.dir={str(target)!r} already holds an export: give export.overwrite=true "
-                            "to replace it, or choose another folder")
+            raise UserError(
+                f"export.dir={str(target)!r} already holds an export: give export.overwrite=true "
+                "to replace it, or choose another folder"
+            )
     return target
 
 
-def write(target: Path, model: keras.Model, config_yaml: str, label_table: dict[str, Any],
-          prep: dict[str, Any], card: str) -> Path:
+def write(
+    target: Path, model: keras.Model, config_yaml: str, label_table: dict[str, Any], prep: dict[str, Any], card: str
+) -> Path:
     """Write the export to `target` (checked by `check_target`) all at once: it is built beside the
     target and renamed into place, so an interrupted export leaves no half-written folder."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -79,8 +96,7 @@ def write(target: Path, model: keras.Model, config_yaml: str, label_table: dict[
     try:
         model.save(partial / MODEL)
         saved_model(model, partial / SAVED_MODEL)
-        (partial / LABELS).write_text(json.dumps(label_table, indent=1, ensure_ascii=False) + "\n",
-                                      encoding="utf-8")
+        (partial / LABELS).write_text(json.dumps(label_table, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         (partial / PREPROCESSING).write_text(json.dumps(prep, indent=1) + "\n")
         (partial / CONFIG).write_text(config_yaml, encoding="utf-8")
         (partial / CARD).write_text(card, encoding="utf-8")
@@ -104,9 +120,11 @@ def saved_model(model: keras.Model, path: Path) -> None:
 
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint("serve", lambda images: model(images, training=False),
-                         input_signature=[tf.TensorSpec((None, *model.input_shape[1:]), tf.float32,
-                                                        "images")])
+    archive.add_endpoint(
+        "serve",
+        lambda images: model(images, training=False),
+        input_signature=[tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, "images")],
+    )
     archive.write_out(str(path), verbose=False)
 
 
@@ -125,54 +143,64 @@ def _json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise UserError(f"{path} cannot be read ({err}): export the model again "
-                        "(python -m lenet_sweep.best ... export.dir=DIR)") from None
+        raise UserError(
+            f"{path} cannot be read ({err}): export the model again (python -m lenet_sweep.best ... export.dir=DIR)"
+        ) from None
 
 
 def load(folder: str | os.PathLike | None) -> Export:
     """Load an export safely: Keras' safe_mode refuses anything in the file that would run code
     (a Lambda layer's pickled function), and the files are checked against each other."""
     if not folder:
-        raise UserError("export.dir is not set: give export.dir=DIR, a folder written by "
-                        "python -m lenet_sweep.best")
+        raise UserError("export.dir is not set: give export.dir=DIR, a folder written by python -m lenet_sweep.best")
     folder = Path(folder).expanduser()
     missing = [name for name in (MODEL, LABELS, PREPROCESSING) if not (folder / name).is_file()]
     if missing:
-        raise UserError(f"export.dir={str(folder)!r} lacks {', '.join(missing)}: give a folder written by "
-                        "python -m lenet_sweep.best ... export.dir=DIR")
+        raise UserError(
+            f"export.dir={str(folder)!r} lacks {', '.join(missing)}: give a folder written by "
+            "python -m lenet_sweep.best ... export.dir=DIR"
+        )
     table = _json(folder / LABELS)
     prep = _json(folder / PREPROCESSING)
     try:
         entries = sorted(table["labels"], key=lambda e: e["index"])
         classes, names = [str(e["class"]) for e in entries], [str(e["name"]) for e in entries]
         size = int(prep["input_size"])
-        checks = {"label indices are 0..N-1": [e["index"] for e in entries] == list(range(len(entries))),
-                  "divide_by is positive": float(prep["divide_by"]) > 0,
-                  "resize.method is a tf.image.resize method": prep["resize"]["method"] in D.INTERPOLATIONS,
-                  "resize.antialias is true or false": isinstance(prep["resize"]["antialias"], bool)}
+        checks = {
+            "label indices are 0..N-1": [e["index"] for e in entries] == list(range(len(entries))),
+            "divide_by is positive": float(prep["divide_by"]) > 0,
+            "resize.method is a tf.image.resize method": prep["resize"]["method"] in D.INTERPOLATIONS,
+            "resize.antialias is true or false": isinstance(prep["resize"]["antialias"], bool),
+        }
     except (KeyError, TypeError, ValueError) as err:
-        raise UserError(f"{folder / LABELS} or {folder / PREPROCESSING} is not what lenet_sweep.best writes "
-                        f"(missing or bad {err}): export the model again") from None
+        raise UserError(
+            f"{folder / LABELS} or {folder / PREPROCESSING} is not what lenet_sweep.best writes "
+            f"(missing or bad {err}): export the model again"
+        ) from None
     broken = [what for what, ok in checks.items() if not ok]
     if broken:
-        raise UserError(f"{folder}: {LABELS} or {PREPROCESSING} is inconsistent (expected: "
-                        f"{'; '.join(broken)}): export the model again")
+        raise UserError(
+            f"{folder}: {LABELS} or {PREPROCESSING} is inconsistent (expected: "
+            f"{'; '.join(broken)}): export the model again"
+        )
     try:
         model = keras.saving.load_model(folder / MODEL, compile=False, safe_mode=True)
     except Exception as err:  # Keras raises ValueError, TypeError, OSError... naming the layer at fault
-        raise UserError(f"{folder / MODEL} was not loaded: {str(err).splitlines()[0][:400]} "
-                        "(lenet_sweep loads models with Keras safe_mode and never runs code from a file)"
-                        ) from None
+        raise UserError(
+            f"{folder / MODEL} was not loaded: {str(err).splitlines()[0][:400]} "
+            "(lenet_sweep loads models with Keras safe_mode and never runs code from a file)"
+        ) from None
     if tuple(model.input_shape[1:]) != (size, size, 3) or model.output_shape[-1] != len(classes):
-        raise UserError(f"{folder}: the model takes {model.input_shape[1:]} and gives "
-                        f"{model.output_shape[-1]} "
-                        f"scores, but {PREPROCESSING} says {size}x{size}x3 and {LABELS} lists {len(classes)} "
-                        "classes: the export's files do not belong together")
+        raise UserError(
+            f"{folder}: the model takes {model.input_shape[1:]} and gives "
+            f"{model.output_shape[-1]} "
+            f"scores, but {PREPROCESSING} says {size}x{size}x3 and {LABELS} lists {len(classes)} "
+            "classes: the export's files do not belong together"
+        )
     return Export(folder, model, classes, names, prep)
 
 
-def images_for(paths: Sequence[Path], prep: dict[str, Any]) -> tuple[np.ndarray, list[Path],
-                                                                      list[tuple[Path, str]]]:
+def images_for(paths: Sequence[Path], prep: dict[str, Any]) -> tuple[np.ndarray, list[Path], list[tuple[Path, str]]]:
     """(model input, files decoded, (file, reason) of files that were not): each file as training
     decoded it (data.read_rgb, data.resize), scaled as `prep` says."""
     images, kept, failed = [], [], []
@@ -182,8 +210,7 @@ def images_for(paths: Sequence[Path], prep: dict[str, Any]) -> tuple[np.ndarray,
         except D.DECODE_ERRORS as err:
             failed.append((path, f"{type(err).__name__}: {err}"))
             continue
-        resized = D.resize(rgb, int(prep["input_size"]), prep["resize"]["method"],
-                           prep["resize"]["antialias"])
+        resized = D.resize(rgb, int(prep["input_size"]), prep["resize"]["method"], prep["resize"]["antialias"])
         images.append(resized.astype(np.float32) / np.float32(prep["divide_by"]))
         kept.append(path)
     size = int(prep["input_size"])

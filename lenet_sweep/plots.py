@@ -2,9 +2,10 @@
 
 Histories are lists of per-epoch rows ({"loss": ..., "val_loss": ..., ...}); epoch numbers are 1-based.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -111,8 +112,7 @@ def score_by_value(rows: Sequence[dict], names: Sequence[str], score: str, title
     axes = np.atleast_1d(fig.subplots(nrows, cols, squeeze=False)).ravel()
     jitter = np.random.default_rng(0)
     for ax, name in zip(axes, names):
-        pairs = [(row[name], row[score]) for row in rows if row.get(name) is not None
-                 and row.get(score) is not None]
+        pairs = [(row[name], row[score]) for row in rows if row.get(name) is not None and row.get(score) is not None]
         ys = np.array([y for _, y in pairs], dtype=float)
         numeric = pairs and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x, _ in pairs)
         if numeric:
@@ -128,7 +128,7 @@ def score_by_value(rows: Sequence[dict], names: Sequence[str], score: str, title
         ax.set_title(name)
         ax.set_ylabel(score)
         ax.grid(alpha=0.3)
-    for ax in axes[len(names):]:
+    for ax in axes[len(names) :]:
         ax.set_visible(False)
     fig.suptitle(title)
     fig.tight_layout()
@@ -146,8 +146,7 @@ def groups_side_by_side(groups: dict[str, Sequence[float]], score: str, title: s
         jitter = np.random.default_rng(0)
         for i, d in enumerate(data, start=1):
             ax.scatter(i + jitter.uniform(-0.1, 0.1, len(d)), d, s=16, alpha=0.8, zorder=3)
-        labels = [f"{n}\nn={len(d)}, mean {np.mean(d):.3f}" if len(d) else f"{n}\nn=0"
-                  for n, d in zip(names, data)]
+        labels = [f"{n}\nn={len(d)}, mean {np.mean(d):.3f}" if len(d) else f"{n}\nn=0" for n, d in zip(names, data)]
         ax.set_xticks(range(1, len(names) + 1), labels)
     ax.set_ylabel(score)
     ax.set_title(title)
@@ -189,8 +188,9 @@ def confusion_figure(matrix: np.ndarray, names: Sequence[str], title: str) -> Fi
     ax.set_xticks(ticks, names, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(ticks, names, fontsize=8)
     for (i, j), count in np.ndenumerate(matrix):
-        ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
-                color="white" if shares[i, j] > 0.5 else "black")
+        ax.text(
+            j, i, str(count), ha="center", va="center", fontsize=7, color="white" if shares[i, j] > 0.5 else "black"
+        )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)

@@ -4,14 +4,16 @@
 Each file is decoded and resized exactly as training decoded its images (export.images_for). Files that
 cannot be read are reported and skipped; the model is loaded with Keras safe_mode (export.load).
 """
+
 from __future__ import annotations
 
 import csv
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import hydra
 import numpy as np
@@ -27,7 +29,7 @@ from lenet_sweep.errors import UserError
 class Prediction:
     path: Path
     top: list[tuple[str, str, float]]  # (class id, readable name, score), most likely first
-    error: str = ""                    # why the file was skipped ("" if it was classified)
+    error: str = ""  # why the file was skipped ("" if it was classified)
 
 
 def find_images(paths: Sequence[str]) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -40,8 +42,11 @@ def find_images(paths: Sequence[str]) -> tuple[list[Path], list[tuple[Path, str]
         if path.is_dir():
             for dirpath, dirnames, filenames in os.walk(path):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                files += [Path(dirpath) / n for n in sorted(filenames)
-                          if not n.startswith(".") and Path(n).suffix.lower() in suffixes]
+                files += [
+                    Path(dirpath) / n
+                    for n in sorted(filenames)
+                    if not n.startswith(".") and Path(n).suffix.lower() in suffixes
+                ]
         elif path.is_file():
             files.append(path)
         else:
@@ -49,13 +54,12 @@ def find_images(paths: Sequence[str]) -> tuple[list[Path], list[tuple[Path, str]
     return files, missing
 
 
-def classify(exported: export.Export, paths: Sequence[Path], top_k: int = 3,
-             batch_size: int = 32) -> list[Prediction]:
+def classify(exported: export.Export, paths: Sequence[Path], top_k: int = 3, batch_size: int = 32) -> list[Prediction]:
     """Top-k labels of each file, in the order given; unreadable files come back with their reason."""
     k = max(1, min(top_k, len(exported.classes)))
     results: dict[Path, Prediction] = {}
     for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
+        chunk = paths[start : start + batch_size]
         batch, kept, failed = export.images_for(chunk, exported.preprocessing)
         for path, why in failed:
             results[path] = Prediction(path, [], why)
@@ -64,8 +68,7 @@ def classify(exported: export.Export, paths: Sequence[Path], top_k: int = 3,
         scores = np.asarray(exported.model.predict(batch, verbose=0))
         for path, row in zip(kept, scores):
             order = np.argsort(-row, kind="stable")[:k]
-            results[path] = Prediction(path, [(exported.classes[i], exported.names[i], float(row[i]))
-                                              for i in order])
+            results[path] = Prediction(path, [(exported.classes[i], exported.names[i], float(row[i])) for i in order])
     return [results[p] for p in paths]
 
 
@@ -87,8 +90,7 @@ def run(cfg: DictConfig) -> list[Prediction]:
         raise UserError("predict.top_k and predict.batch_size must be at least 1")
     output: Optional[Path] = Path(cfg.predict.output).expanduser() if cfg.predict.output else None
     if output is not None and output.is_dir():
-        raise UserError(f"predict.output={str(output)!r} is a folder: give a file name such as "
-                        "predictions.csv")
+        raise UserError(f"predict.output={str(output)!r} is a folder: give a file name such as predictions.csv")
     exported = export.load(cfg.export.dir)
     files, missing = find_images(list(cfg.images))
     predictions = [Prediction(path, [], why) for path, why in missing]
@@ -103,8 +105,10 @@ def run(cfg: DictConfig) -> list[Prediction]:
         try:
             write_csv(predictions, output, k)
         except OSError as err:
-            raise UserError(f"predict.output={str(output)!r} cannot be written ({err.strerror}): give a "
-                            "writable file; the predictions are printed above") from None
+            raise UserError(
+                f"predict.output={str(output)!r} cannot be written ({err.strerror}): give a "
+                "writable file; the predictions are printed above"
+            ) from None
         print(f"wrote {output}")
     done = sum(not p.error for p in predictions)
     print(f"{done} image(s) classified, {len(predictions) - done} skipped")

@@ -3,6 +3,7 @@
 The store is the one runs log to (train.yaml's mlflow.*, or env MLFLOW_TRACKING_URI); the UI is MLflow's
 own server, bound to 127.0.0.1 unless ui.host says otherwise. Env PORT moves it.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,18 +17,28 @@ from omegaconf import DictConfig
 from lenet_sweep import cli
 from lenet_sweep.config import register_configs
 from lenet_sweep.errors import UserError
-from lenet_sweep.store import redact, resolve_store
+from lenet_sweep.tracking.store import redact, resolve_store
 
 
 def server_command(cfg: DictConfig) -> tuple[list[str], str]:
     """(the `mlflow server` command line for cfg's store, the URL it will serve)."""
     uri, artifacts = resolve_store(cfg.mlflow.tracking_uri, cfg.mlflow.store_dir)
     if urllib.parse.urlsplit(uri).scheme in ("http", "https", "databricks"):
-        raise UserError(f"the store {redact(uri)} is a tracking server: open it in a browser, it is its "
-                        "own UI")
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-               "--host", cfg.ui.host, "--port", str(cfg.ui.port),
-               "--workers", "1"]  # MLflow's default of 4 server processes is for machines beyond 2 cores
+        raise UserError(f"the store {redact(uri)} is a tracking server: open it in a browser, it is its own UI")
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        cfg.ui.host,
+        "--port",
+        str(cfg.ui.port),
+        "--workers",
+        "1",
+    ]  # MLflow's default of 4 server processes is for machines beyond 2 cores
     if artifacts:  # where experiments created through the UI keep artifacts: beside the runs' own
         command += ["--default-artifact-root", artifacts, "--no-serve-artifacts"]
     return command, f"http://{cfg.ui.host}:{cfg.ui.port}"
@@ -45,10 +56,11 @@ def port_free(host: str, port: int) -> bool:
 def serve(cfg: DictConfig) -> None:
     command, url = server_command(cfg)
     if not port_free(cfg.ui.host, cfg.ui.port):
-        raise UserError(f"port {cfg.ui.port} on {cfg.ui.host} is taken (another MLflow UI?): "
-                        f"give another, e.g. PORT={cfg.ui.port + 1} make ui")
-    print(f"MLflow UI for {redact(command[command.index('--backend-store-uri') + 1])} at {url} "
-          "(Ctrl-C stops it)")
+        raise UserError(
+            f"port {cfg.ui.port} on {cfg.ui.host} is taken (another MLflow UI?): "
+            f"give another, e.g. PORT={cfg.ui.port + 1} make ui"
+        )
+    print(f"MLflow UI for {redact(command[command.index('--backend-store-uri') + 1])} at {url} (Ctrl-C stops it)")
     sys.stdout.flush()
     env = {**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"}  # a file store named by the user is meant
     # MLflow's server in place of this process: Ctrl-C and SIGTERM reach it directly.

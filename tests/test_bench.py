@@ -1,18 +1,24 @@
 """The speed benchmark: both pipelines timed in their own processes, numbers printed and written."""
+
 from __future__ import annotations
 
 import json
 
 import keras
 
-from conftest import make_image_folder
+from conftest import make_image_folder, run_cli
 from lenet_sweep.bench import model_flops
-from test_train import run_cli
 
 
 def test_model_flops_counts_conv_and_dense_by_hand():
-    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, padding="same"),
-                              keras.layers.Flatten(), keras.layers.Dense(5)])
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            keras.layers.Conv2D(4, 3, padding="same"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(5),
+        ]
+    )
     conv = 2 * 8 * 8 * 3 * 3 * 3 * 4
     dense = 2 * 8 * 8 * 4 * 5
     training, forward = model_flops(model)
@@ -24,11 +30,17 @@ def test_bench_times_both_pipelines_and_prints_the_ratio(tmp_path):
     # A plain folder: Keras' own loader, the baseline, would stop at the messy fixture's corrupt files.
     root = make_image_folder(tmp_path / "d", n_train=12, n_val=10, messy=False)
     out = tmp_path / "bench.json"
-    result = run_cli(["lenet_sweep.bench", f"data.root={root}", "bench.matmul_size=128", "bench.epochs=2",
-                      "train.steps_per_execution=1",  # else the 1-step cap is rounded up to a whole epoch
-                      "bench.cases=[{model:lenet5,optimizer:sgd},"
-                      "{model:modified_lenet,optimizer:adam,steps:1,val_steps:1}]",
-                      f"bench.output={out}"])
+    result = run_cli(
+        [
+            "lenet_sweep.bench",
+            f"data.root={root}",
+            "bench.matmul_size=128",
+            "bench.epochs=2",
+            "train.steps_per_execution=1",  # else the 1-step cap is rounded up to a whole epoch
+            "bench.cases=[{model:lenet5,optimizer:sgd},{model:modified_lenet,optimizer:adam,steps:1,val_steps:1}]",
+            f"bench.output={out}",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     text = result.stdout
     assert "| lenet5 (32 px) | lenet_sweep | decode cache |" in text

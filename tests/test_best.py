@@ -1,4 +1,5 @@
 """`best`: the winner chosen on validation over seeds, tested once, exported, registered; `predict`."""
+
 from __future__ import annotations
 
 import csv
@@ -11,16 +12,20 @@ import keras
 import mlflow
 import numpy as np
 import pytest
-from conftest import CONF_DIR, _pattern, make_image_folder
-from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from PIL import Image
-from test_sweep import compose_sweep, overrides, runs_of
-from test_train import run_cli
 
+from conftest import (
+    compose_config,
+    compose_sweep,
+    make_image_folder,
+    pattern,
+    run_cli,
+    runs_of,
+    sweep_overrides,
+)
 from lenet_sweep import best, cli, export, sweep
 from lenet_sweep import data as D
-from lenet_sweep.config import register_configs
 from lenet_sweep.errors import UserError
 
 CLASSES = ("n01440764", "n02102040")
@@ -30,20 +35,19 @@ EPOCHS = 4
 
 
 def compose_best(more: list[str]):
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="best", overrides=more)
+    return compose_config("best", more)
 
 
 @pytest.fixture(scope="module")
 def swapped(tmp_path_factory) -> Path:
     """Two classes whose test images look like the other class: on test, every model scores about
     1 - its validation accuracy, so ranking on test would reverse ranking on validation."""
-    root = make_image_folder(tmp_path_factory.mktemp("best") / "data", classes=CLASSES, n_train=24, n_val=10,
-                             size=36, messy=False)
+    root = make_image_folder(
+        tmp_path_factory.mktemp("best") / "data", classes=CLASSES, n_train=24, n_val=10, size=36, messy=False
+    )
     splits = D.find_splits(root, seed=0)  # the sweep's split: train.yaml's seed 0, test_fraction 0.2
     for i, (path, label) in enumerate(zip(splits.files["test"].paths, splits.files["test"].labels)):
-        Image.fromarray(_pattern(1 - label, 700 + i, 36)).save(root / path, quality=90)
+        Image.fromarray(pattern(1 - label, 700 + i, 36)).save(root / path, quality=90)
     return root
 
 
@@ -52,8 +56,9 @@ def swept(swapped, tmp_path_factory):
     """A finished two-trial sweep over `swapped`: (store URI, tmp folder)."""
     tmp = tmp_path_factory.mktemp("swept")
     store = f"sqlite:///{tmp / 'store' / 'mlflow.db'}"
-    cfg, optimizers = compose_sweep(overrides(swapped, tmp, store, "tuner=random", "tuner.max_trials=2",
-                                              f"train.epochs={EPOCHS}", name="s"))
+    cfg, optimizers = compose_sweep(
+        sweep_overrides(swapped, tmp, store, "tuner=random", "tuner.max_trials=2", f"train.epochs={EPOCHS}", name="s")
+    )
     cfg.search.space = SPACE
     result = sweep.run_sweep(cfg, optimizers)
     assert [r["status"] for r in result.rows] == ["FINISHED", "FINISHED"]
@@ -63,8 +68,15 @@ def swept(swapped, tmp_path_factory):
 def test_best_command_chooses_on_validation_tests_once_exports_and_registers(swept, swapped, tmp_path):
     store, _ = swept
     out = tmp_path / "export dir"  # a space in the path, as typed
-    result = run_cli(["lenet_sweep.best", "sweep.name=s", f"mlflow.tracking_uri={store}",
-                      "mlflow.experiment=sweep", f"export.dir={out}"])
+    result = run_cli(
+        [
+            "lenet_sweep.best",
+            "sweep.name=s",
+            f"mlflow.tracking_uri={store}",
+            "mlflow.experiment=sweep",
+            f"export.dir={out}",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "winner: trial" in result.stdout and "evaluated once" in result.stdout
 
@@ -86,8 +98,7 @@ def test_best_command_chooses_on_validation_tests_once_exports_and_registers(swe
     winner = best_run.data.tags["lenet_sweep.winner_trial"]
     assert means[winner] == max(means.values()) and len(set(means.values())) == 2
     for trial, mean in means.items():
-        scores = [r.data.metrics["best_val_accuracy"] for r in retrains
-                  if r.data.tags["lenet_sweep.trial_id"] == trial]
+        scores = [r.data.metrics["best_val_accuracy"] for r in retrains if r.data.tags["lenet_sweep.trial_id"] == trial]
         assert mean == pytest.approx(np.mean(scores))
     # ... while the test split would have picked the other configuration
     test_split = D.decode_split(swapped, D.find_splits(swapped, 0).files["test"], 32)
@@ -100,15 +111,24 @@ def test_best_command_chooses_on_validation_tests_once_exports_and_registers(swe
     assert max(on_test, key=lambda t: np.mean(on_test[t])) != winner
     # the test split was evaluated once, on the best run, for the exported retraining
     assert best_run.data.metrics["test_accuracy"] == pytest.approx(
-        on_test[winner][[r.info.run_id for r in retrains if r.data.tags["lenet_sweep.trial_id"] == winner]
-                        .index(best_run.data.tags["lenet_sweep.winner_run_id"])])
+        on_test[winner][
+            [r.info.run_id for r in retrains if r.data.tags["lenet_sweep.trial_id"] == winner].index(
+                best_run.data.tags["lenet_sweep.winner_run_id"]
+            )
+        ]
+    )
 
     # the export: every file, and it predicts exactly what the trained model predicts
-    assert {p.name for p in out.iterdir()} == {"model.keras", "saved_model", "labels.json",
-                                               "preprocessing.json", "config.yaml", "MODEL_CARD.md"}
+    assert {p.name for p in out.iterdir()} == {
+        "model.keras",
+        "saved_model",
+        "labels.json",
+        "preprocessing.json",
+        "config.yaml",
+        "MODEL_CARD.md",
+    }
     labels = json.loads((out / "labels.json").read_text())["labels"]
-    assert [(e["class"], e["name"]) for e in labels] == [("n01440764", "tench"),
-                                                         ("n02102040", "English springer")]
+    assert [(e["class"], e["name"]) for e in labels] == [("n01440764", "tench"), ("n02102040", "English springer")]
     assert json.loads((out / "preprocessing.json").read_text())["input_size"] == 32
     card = (out / "MODEL_CARD.md").read_text()
     assert f"{best_run.data.metrics['test_accuracy']:.4f}" in card and "0.5136" in card and "0.6321" in card
@@ -122,6 +142,7 @@ def test_best_command_chooses_on_validation_tests_once_exports_and_registers(swe
     expected = trained.predict(pixels, verbose=0)
     np.testing.assert_array_equal(loaded.model.predict(pixels, verbose=0), expected)
     import tensorflow as tf
+
     saved_model = tf.saved_model.load(str(out / "saved_model" / "1"))  # kept: serve needs its variables
     served = saved_model.serve(pixels).numpy()
     np.testing.assert_allclose(served, expected, atol=1e-6)
@@ -135,28 +156,50 @@ def test_best_command_chooses_on_validation_tests_once_exports_and_registers(swe
     assert list(np.argmax(pyfunc.predict(pixels), axis=1)) == list(np.argmax(expected, axis=1))
 
     # a second run of the command refuses to overwrite the export unless asked
-    again = run_cli(["lenet_sweep.best", "sweep.name=s", f"mlflow.tracking_uri={store}",
-                     "mlflow.experiment=sweep", f"export.dir={out}"])
+    again = run_cli(
+        [
+            "lenet_sweep.best",
+            "sweep.name=s",
+            f"mlflow.tracking_uri={store}",
+            "mlflow.experiment=sweep",
+            f"export.dir={out}",
+        ]
+    )
     assert again.returncode != 0 and "export.overwrite=true" in again.stderr
     assert len(runs_of(store, "best")) == 1  # refused before anything was recorded
 
 
 def test_predict_classifies_files_and_folders_and_skips_what_it_cannot_read(swept, swapped, tmp_path):
     store, _ = swept
-    cfg = compose_best(["sweep.name=s", f"mlflow.tracking_uri={store}", "mlflow.experiment=sweep",
-                        f"export.dir={tmp_path / 'exp'}", "best.top_k=1", "best.seeds=1",
-                        "export.registered_model=null"])
+    cfg = compose_best(
+        [
+            "sweep.name=s",
+            f"mlflow.tracking_uri={store}",
+            "mlflow.experiment=sweep",
+            f"export.dir={tmp_path / 'exp'}",
+            "best.top_k=1",
+            "best.seeds=1",
+            "export.registered_model=null",
+        ]
+    )
     best.run_best(cfg)
     photos = tmp_path / "my photos"
     photos.mkdir()
-    Image.fromarray(_pattern(0, 5, 50)).convert("RGBA").save(photos / "fish (1).png")
-    Image.fromarray(_pattern(1, 6, 20)).convert("L").save(photos / "dog.bmp")
+    Image.fromarray(pattern(0, 5, 50)).convert("RGBA").save(photos / "fish (1).png")
+    Image.fromarray(pattern(1, 6, 20)).convert("L").save(photos / "dog.bmp")
     (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (photos / "notes.txt").write_text("not an image; not a Pillow suffix either")
     single = swapped / "val" / CLASSES[1] / "img_002.JPEG"
     csv_out = tmp_path / "out" / "predictions.csv"
-    result = run_cli(["lenet_sweep.predict", f"export.dir={tmp_path / 'exp'}", f"images={photos},{single}",
-                      f"predict.output={csv_out}", "predict.top_k=2"])
+    result = run_cli(
+        [
+            "lenet_sweep.predict",
+            f"export.dir={tmp_path / 'exp'}",
+            f"images={photos},{single}",
+            f"predict.output={csv_out}",
+            "predict.top_k=2",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "broken.jpg" in result.stderr and "notes.txt" not in result.stdout + result.stderr
     assert "3 image(s) classified, 1 skipped" in result.stdout
@@ -171,8 +214,7 @@ def test_predict_classifies_files_and_folders_and_skips_what_it_cannot_read(swep
     pixels, _, _ = export.images_for([single], loaded.preprocessing)
     assert rows[3]["class_1"] == loaded.classes[int(np.argmax(loaded.model.predict(pixels, verbose=0)))]
 
-    nothing = run_cli(["lenet_sweep.predict", f"export.dir={tmp_path / 'exp'}",
-                       f"images={photos / 'broken.jpg'}"])
+    nothing = run_cli(["lenet_sweep.predict", f"export.dir={tmp_path / 'exp'}", f"images={photos / 'broken.jpg'}"])
     assert nothing.returncode != 0 and "no image could be classified" in nothing.stderr
     missing = run_cli(["lenet_sweep.predict", f"export.dir={tmp_path / 'nowhere'}", f"images={single}"])
     assert missing.returncode != 0 and "lacks model.keras" in missing.stderr
@@ -199,9 +241,17 @@ def test_loading_an_export_never_runs_code_from_it(tmp_path):
 
 def test_a_cut_off_best_resumes_keeping_finished_retrainings(swept, tmp_path, monkeypatch):
     store, _ = swept
-    cfg = compose_best(["sweep.name=s", f"mlflow.tracking_uri={store}", "mlflow.experiment=sweep",
-                        f"export.dir={tmp_path / 'exp'}", "best.top_k=2", "best.seeds=1",
-                        "export.registered_model=other"])
+    cfg = compose_best(
+        [
+            "sweep.name=s",
+            f"mlflow.tracking_uri={store}",
+            "mlflow.experiment=sweep",
+            f"export.dir={tmp_path / 'exp'}",
+            "best.top_k=2",
+            "best.seeds=1",
+            "export.registered_model=other",
+        ]
+    )
     real = best.train_and_log
     calls = []
 
@@ -221,13 +271,21 @@ def test_a_cut_off_best_resumes_keeping_finished_retrainings(swept, tmp_path, mo
     (cut,) = [r for r in runs_of(store, "best") if r.info.status == "KILLED"]
     assert not (tmp_path / "exp").exists()
     # ... and a retraining a SIGKILL left RUNNING (no Python to end it)
-    orphan = client.create_run(cut.info.experiment_id, run_name="orphan", tags={
-        "mlflow.parentRunId": cut.info.run_id, "lenet_sweep.kind": "retrain", "lenet_sweep.trial_id": "x",
-        "lenet_sweep.seed": "1000"}).info.run_id
+    orphan = client.create_run(
+        cut.info.experiment_id,
+        run_name="orphan",
+        tags={
+            "mlflow.parentRunId": cut.info.run_id,
+            "lenet_sweep.kind": "retrain",
+            "lenet_sweep.trial_id": "x",
+            "lenet_sweep.seed": "1000",
+        },
+    ).info.run_id
     result = best.run_best(cfg)
     assert result.resumed and result.run_id == cut.info.run_id
-    children = {r.info.run_id: r for r in runs_of(store, "retrain")
-                if r.data.tags["mlflow.parentRunId"] == result.run_id}
+    children = {
+        r.info.run_id: r for r in runs_of(store, "retrain") if r.data.tags["mlflow.parentRunId"] == result.run_id
+    }
     statuses = sorted(r.info.status for r in children.values())
     assert statuses == ["FINISHED", "FINISHED", "KILLED", "KILLED"]  # kept, retrained; Ctrl-C'd, orphan
     assert "cut off" in client.get_run(orphan).data.tags["failure_reason"]
@@ -240,19 +298,27 @@ def test_a_cut_off_best_resumes_keeping_finished_retrainings(swept, tmp_path, mo
     assert str(MlflowClient(store).get_model_version_by_alias("other", "champion").version) == "1"
 
 
-@pytest.mark.parametrize("more, message", [
-    (["sweep.name=nope"], "no sweep named 'nope'"),
-    (["mlflow.experiment=nope"], "no MLflow experiment 'nope'"),
-    (["best.seeds=0"], "best.seeds=0: must be at least 1"),
-    (["data.test_fraction=0.5"], "only where the data lives may change"),  # another split: test leaks
-    (["model.dropout=0"], "best retrains the sweep's configurations as their trials recorded them"),
-])
+@pytest.mark.parametrize(
+    "more, message",
+    [
+        (["sweep.name=nope"], "no sweep named 'nope'"),
+        (["mlflow.experiment=nope"], "no MLflow experiment 'nope'"),
+        (["best.seeds=0"], "best.seeds=0: must be at least 1"),
+        (["data.test_fraction=0.5"], "only where the data lives may change"),  # another split: test leaks
+        (["model.dropout=0"], "best retrains the sweep's configurations as their trials recorded them"),
+    ],
+)
 def test_bad_requests_are_refused_before_anything_is_recorded(more, message, swept, tmp_path):
     store, _ = swept
     before = len(runs_of(store, "best"))
     # In process (the command line's one-line errors are checked by the export refusal above).
-    given = ["sweep.name=s", f"mlflow.tracking_uri={store}", "mlflow.experiment=sweep",
-             f"export.dir={tmp_path / 'x'}", *more]
+    given = [
+        "sweep.name=s",
+        f"mlflow.tracking_uri={store}",
+        "mlflow.experiment=sweep",
+        f"export.dir={tmp_path / 'x'}",
+        *more,
+    ]
     with pytest.raises(UserError, match=re.escape(message)):
         best.run(compose_best(given), given)
     assert len(runs_of(store, "best")) == before and not (tmp_path / "x").exists()
@@ -276,27 +342,29 @@ def test_an_export_folder_with_other_files_is_never_replaced(tmp_path):
 
 
 def test_paths_as_typed_get_through_hydra(monkeypatch):
-    argv = ["prog", "images=a b.jpg,c (1).png", "export.dir=/my exports/x", "predict.output=null",
-            "export.dir=${oc.env:HOME}", "images=['q.jpg']", "other=a,b"]
+    argv = [
+        "prog",
+        "images=a b.jpg,c (1).png",
+        "export.dir=/my exports/x",
+        "predict.output=null",
+        "export.dir=${oc.env:HOME}",
+        "images=['q.jpg']",
+        "other=a,b",
+    ]
     monkeypatch.setattr(sys, "argv", list(argv))
     cli.quote_path_overrides(("export.dir", "predict.output"), ("images",))
-    assert sys.argv == ["prog", "images=['a b.jpg','c (1).png']", "export.dir='/my exports/x'",
-                        "predict.output=null", "export.dir=${oc.env:HOME}", "images=['q.jpg']", "other=a,b"]
+    assert sys.argv == [
+        "prog",
+        "images=['a b.jpg','c (1).png']",
+        "export.dir='/my exports/x'",
+        "predict.output=null",
+        "export.dir=${oc.env:HOME}",
+        "images=['q.jpg']",
+        "other=a,b",
+    ]
 
 
 def test_the_sweeps_early_stopping_is_the_retrainings():
     assert best.sweep_patience({"sweep.early_stopping_patience": "3"}) == 3
     assert best.sweep_patience({"sweep.early_stopping_patience": "None"}) is None  # null: never stop early
     assert best.sweep_patience({}) is None
-
-
-def test_a_trials_recorded_params_rebuild_its_config():
-    params = {"data.root": "/data/1e5", "data.class_names.a.b": "x", "model.filters": "[32, 64]",
-              "model.dropout": "0.25", "model.conv_layers": "None", "train.keras_verbose": "0",
-              "optimizer.name": "Adam", "optimizer.beta_1": "0.8", "seed": "3", "lr": "0.001",
-              "optimizer": "adam",
-              "tuner/epochs": "9"}
-    cfg = best.recorded_config(params)
-    assert cfg.data.root == "/data/1e5" and cfg.data.class_names == {"a.b": "x"}
-    assert list(cfg.model.filters) == [32, 64] and cfg.model.dropout == 0.25 and cfg.model.conv_layers is None
-    assert cfg.train.keras_verbose == "0" and cfg.optimizer.beta_1 == 0.8 and cfg.seed == 3

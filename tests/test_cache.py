@@ -1,4 +1,5 @@
 """The on-disk decode cache: reused when valid, rebuilt when stale or damaged, never touching user data."""
+
 from __future__ import annotations
 
 import io
@@ -9,8 +10,7 @@ import numpy as np
 from PIL import Image
 
 from conftest import make_image_folder
-from lenet_sweep import cache
-from lenet_sweep.data import decode_split, find_splits
+from lenet_sweep.data import cache, decode_split, find_splits
 
 
 def _same(a, b) -> None:
@@ -29,8 +29,7 @@ def test_second_load_comes_from_the_cache_and_equals_decoding(image_folder, tmp_
     files = splits.files["train"]
     before = _snapshot(image_folder)
     lines = []
-    built, how_built = cache.load_or_decode(tmp_path / "c", splits.root, "train", files, 24,
-                                            progress=lines.append)
+    built, how_built = cache.load_or_decode(tmp_path / "c", splits.root, "train", files, 24, progress=lines.append)
     loaded, how_loaded = cache.load_or_decode(tmp_path / "c", splits.root, "train", files, 24)
     assert (how_built, how_loaded) == ("decoded", "cache")
     direct = decode_split(splits.root, files, 24)
@@ -55,7 +54,7 @@ def test_a_changed_file_or_size_or_split_is_a_different_entry(image_folder, tmp_
     target = splits.root / files.paths[-1]
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(target, format="JPEG")
     stat = target.stat()
-    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     second, how = cache.load_or_decode(tmp_path / "c", splits.root, "train", files, 24)
     assert how == "decoded"
     assert second.images[-1].max() < 10 < first.images[-1].max()
@@ -121,8 +120,9 @@ def test_an_unwritable_cache_costs_speed_not_the_run(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     lines = []
-    split, how = cache.load_or_decode(blocker / "cache", splits.root, "train", splits.files["train"], 20,
-                                      progress=lines.append)
+    split, how = cache.load_or_decode(
+        blocker / "cache", splits.root, "train", splits.files["train"], 20, progress=lines.append
+    )
     assert how == "decoded" and len(split.labels) == 12
     assert any("could not write the decode cache" in line for line in lines)
 

@@ -1,4 +1,5 @@
 """Data: listing, the study's split, decoding of awkward files, tf.data feeding, the download path."""
+
 from __future__ import annotations
 
 import hashlib
@@ -20,8 +21,11 @@ CLASSES = ("n01440764", "n02102040", "n03000684")
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_classes_are_sorted_train_folders_and_pinned(image_folder):
@@ -78,8 +82,9 @@ def test_decoding_matches_keras_image_loader(tmp_path):
     img = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
     Image.fromarray(img).save(tmp_path / "a.png")
     ours = D.decode_image(tmp_path / "a.png", 32)
-    keras_way = tf.image.resize(tf.io.decode_image(tf.io.read_file(str(tmp_path / "a.png")), channels=3,
-                                                   expand_animations=False), (32, 32))
+    keras_way = tf.image.resize(
+        tf.io.decode_image(tf.io.read_file(str(tmp_path / "a.png")), channels=3, expand_animations=False), (32, 32)
+    )
     assert np.abs(ours.astype(float) - keras_way.numpy()).max() <= 0.5 + 1e-4
 
 
@@ -111,14 +116,17 @@ def test_bad_interpolation_is_a_config_error_not_a_skipped_file(image_folder):
         D.decode_split(splits.root, splits.files["val"], 8, interpolation="cubic-ish")
 
 
-@pytest.mark.parametrize("breakage, message", [
-    ("missing_val_class", "n03000684"),
-    ("extra_val_class", "n09999999"),
-    ("empty_class", "train/n02102040"),
-    ("one_class", "at least two"),
-    ("no_val", "val"),
-    ("tiny_val_class", "val/n01440764"),
-])
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        ("missing_val_class", "n03000684"),
+        ("extra_val_class", "n09999999"),
+        ("empty_class", "train/n02102040"),
+        ("one_class", "at least two"),
+        ("no_val", "val"),
+        ("tiny_val_class", "val/n01440764"),
+    ],
+)
 def test_bad_folders_fail_with_a_message_naming_the_problem(tmp_path, breakage, message):
     root = make_image_folder(tmp_path / "d", n_train=2, n_val=3, messy=False)
     if breakage == "missing_val_class":
@@ -148,6 +156,7 @@ def test_unicode_paths(tmp_path):
     assert splits.classes == ["chat_é", "狗"] and len(decoded.labels) == 4 and not decoded.skipped
     # the same class name, decomposed (as macOS writes it) in val/
     import unicodedata
+
     (root / "val" / "chat_é").rename(root / "val" / unicodedata.normalize("NFD", "chat_é"))
     again = D.find_splits(root, seed=0)
     assert again.classes == ["chat_é", "狗"] and len(again.files["val"].paths) == 4
@@ -208,8 +217,7 @@ def test_download_without_a_server_says_to_set_data_root(tmp_path):
     server.shutdown()
     server.server_close()
     with pytest.raises(D.DataError, match="set data.root=DIR") as err:
-        D.download_imagenette(f"http://127.0.0.1:{port}/imagenette2-320.tgz", None,
-                              cache_dir=str(tmp_path / "cache"))
+        D.download_imagenette(f"http://127.0.0.1:{port}/imagenette2-320.tgz", None, cache_dir=str(tmp_path / "cache"))
     assert "\n" not in str(err.value)
 
 

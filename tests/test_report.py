@@ -14,45 +14,35 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CONF_DIR, make_image_folder
-from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from PIL import Image
-from test_sweep import compose_sweep, overrides, runs_of
-from test_train import REPO, run_cli
 
-from lenet_sweep import best, report, store, sweep, train
-from lenet_sweep.config import register_configs
+from conftest import (
+    REPO,
+    SECTIONS,
+    compose_config,
+    compose_sweep,
+    make_image_folder,
+    run_cli,
+    runs_of,
+    sweep_overrides,
+)
+from lenet_sweep import best, report, sweep, train
 from lenet_sweep.errors import UserError
+from lenet_sweep.report import document as report_doc
+from lenet_sweep.report import facts as report_facts
+from lenet_sweep.tracking import store
+from lenet_sweep.tracking.artifacts import Artifacts
 
 # Output activation (the study's question; ReLU collapses) and a dense width: four configurations.
 SPACE = {
     "output_activation": {"key": "model.output_activation", "type": "choice", "values": ["softmax", "relu"]},
     "dense_1": {"key": "model.dense.0", "type": "choice", "values": [8, 16]},
 }
-SECTIONS = (
-    "Answers in short",
-    "Table I: packages",
-    "Table II: test accuracy",
-    "Softmax or ReLU output?",
-    "More filters or more conv layers?",
-    "Other dense widths?",
-    "5, 10 or 25 epochs?",
-    "Where does overfitting start?",
-    "Learning curves of the best configurations",
-    "Validation accuracy against each hyperparameter",
-    "The winner over seeds",
-    "Test: confusion matrix and the most confused classes",
-    "Misclassified test images of the winner",
-    "Data check (representativeness)",
-    "Provenance",
-)
 
 
 def compose_report(more: list[str]):
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="report", overrides=more)
+    return compose_config("report", more)
 
 
 @pytest.fixture(scope="module")
@@ -63,42 +53,40 @@ def swept(tmp_path_factory):
     data = make_image_folder(tmp / "data", n_train=16, n_val=10, size=36)  # messy: 2 files skipped
     uri = f"sqlite:///{tmp / 'store' / 'mlflow.db'}"
     cfg, optimizers = compose_sweep(
-        overrides(data, tmp, uri, "tuner=random", "tuner.max_trials=4", "train.epochs=4", name="r")
+        sweep_overrides(data, tmp, uri, "tuner=random", "tuner.max_trials=4", "train.epochs=4", name="r")
     )
     cfg.search.space = SPACE
     result = sweep.run_sweep(cfg, optimizers)
     assert len(result.rows) == 4
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        best_cfg = compose(
-            config_name="best",
-            overrides=[
-                "sweep.name=r",
-                f"mlflow.tracking_uri={uri}",
-                "mlflow.experiment=sweep",
-                "best.top_k=2",
-                "best.seeds=2",
-                f"export.dir={tmp / 'export'}",
-                "export.registered_model=null",
-            ],
-        )
-        best.run_best(best_cfg)
-        for seed in (0, 1):
-            train.run_one(
-                compose(
-                    config_name="train",
-                    overrides=[
-                        f"data.root={data}",
-                        f"mlflow.tracking_uri={uri}",
-                        "mlflow.experiment=sweep",
-                        "model=lenet5",
-                        "optimizer=sgd",
-                        f"seed={seed}",
-                        "train.epochs=3",
-                        "train.batch_size=8",
-                    ],
-                )
+    best_cfg = compose_config(
+        "best",
+        [
+            "sweep.name=r",
+            f"mlflow.tracking_uri={uri}",
+            "mlflow.experiment=sweep",
+            "best.top_k=2",
+            "best.seeds=2",
+            f"export.dir={tmp / 'export'}",
+            "export.registered_model=null",
+        ],
+    )
+    best.run_best(best_cfg)
+    for seed in (0, 1):
+        train.run_one(
+            compose_config(
+                "train",
+                [
+                    f"data.root={data}",
+                    f"mlflow.tracking_uri={uri}",
+                    "mlflow.experiment=sweep",
+                    "model=lenet5",
+                    "optimizer=sgd",
+                    f"seed={seed}",
+                    "train.epochs=3",
+                    "train.batch_size=8",
+                ],
             )
+        )
     return uri, data, tmp
 
 
@@ -133,8 +121,13 @@ def test_the_report_command_answers_each_question_with_numbers_from_the_store(sw
         assert f">{section.replace('&', '&amp;')}</h" in page, section
     # self-contained: every figure of the Markdown is embedded in the HTML, nothing is fetched
     figures = re.findall(r"\]\(figures/([^)]+)\)", md)
-    assert {"output_activation.png", "curves_1.png", "val_accuracy_vs_hyperparameters.png",
-            "confusion_matrix.png", "sample_images.png"} <= set(figures)
+    assert {
+        "output_activation.png",
+        "curves_1.png",
+        "val_accuracy_vs_hyperparameters.png",
+        "confusion_matrix.png",
+        "sample_images.png",
+    } <= set(figures)
     assert all((out / "figures" / f).is_file() for f in figures)
     assert page.count('src="data:image/png;base64,') == len(figures)
     assert not re.search(r'(src|href)="(?!data:)', page)
@@ -208,15 +201,12 @@ def test_the_report_command_answers_each_question_with_numbers_from_the_store(sw
         assert f"| {recorded['classes'][i]} | {name} | {int(matrix[i].sum())} | {int(matrix[i, i])} |" in md
     # the data check: class counts per split as listed, and the two unreadable files left out
     summary = json.loads(
-        Path(
-            client.download_artifacts(parent.info.run_id, "data/summary.json", str(tmp_path / "ds"))
-        ).read_text()
+        Path(client.download_artifacts(parent.info.run_id, "data/summary.json", str(tmp_path / "ds"))).read_text()
     )
     for i, cls in enumerate(summary["classes"]):
         counts = " | ".join(str(summary["listed"][s][i]) for s in ("train", "val", "test"))
         assert f"| {cls} | {summary['names'][i]} | {counts} |" in md
     assert summary["skipped"] >= 2 and f"Files left out: {summary['skipped']}" in md
-
 
 
 def test_the_epochs_question_counts_best_accuracy_within_each_budget(swept, tmp_path):
@@ -245,8 +235,7 @@ def test_the_epochs_question_counts_best_accuracy_within_each_budget(swept, tmp_
     for row in facts["epochs"]["budgets"]:
         scores = reached[row["epochs"]]
         assert row["score"]["n"] == len(scores)
-        if scores:
-            assert row["score"]["mean"] == pytest.approx(np.mean(scores))
+        assert row["score"]["mean"] == (pytest.approx(np.mean(scores)) if scores else None)  # None: no run
     seeds = facts["epochs"]["retrainings"]
     assert len(seeds) == 2 and all(r["seeds"] == 2 for r in seeds)
 
@@ -254,8 +243,11 @@ def test_the_epochs_question_counts_best_accuracy_within_each_budget(swept, tmp_
     # over the runs that trained at least report.turning_min_epochs (3) epochs and did not collapse
     trials = runs_of(uri, "trial")
     singles = [r for r in runs_of(uri, "train")]
-    runs = [r for r in [*trials, *runs_of(uri, "retrain"), *singles]
-            if max(_history(client, r.info.run_id, "val_accuracy")) >= threshold]
+    runs = [
+        r
+        for r in [*trials, *runs_of(uri, "retrain"), *singles]
+        if max(_history(client, r.info.run_id, "val_accuracy")) >= threshold
+    ]
     turned, counted = [], 0
     for r in runs:
         losses = _history(client, r.info.run_id, "val_loss")
@@ -287,20 +279,6 @@ def test_make_report_reports_the_latest_sweep(swept, tmp_path):
     assert "report of sweep 'r'" in done.stdout and (tmp_path / "out" / "report.html").is_file()
 
 
-def test_the_latest_sweep_is_the_one_started_last(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    exp = client.create_experiment("e")
-    for name, start in (("old", 1000), ("new", 2000), ("older", 500)):
-        client.create_run(
-            exp, start_time=start, tags={"lenet_sweep.kind": "sweep", "lenet_sweep.sweep": name}
-        )
-    assert store.find_sweep(client, exp, None, "e").data.tags["lenet_sweep.sweep"] == "new"
-    assert store.find_sweep(client, exp, "old", "e").data.tags["lenet_sweep.sweep"] == "old"
-    with pytest.raises(UserError, match=r"no sweep named 'nope'.*new, old, older"):
-        store.find_sweep(client, exp, "nope", "e")
-
-
 @pytest.mark.parametrize(
     "more, message",
     [
@@ -312,42 +290,38 @@ def test_the_latest_sweep_is_the_one_started_last(tmp_path):
 )
 def test_bad_requests_are_refused_with_a_clear_message(more, message, swept, tmp_path):
     uri, _, _ = swept
-    cfg = compose_report(
-        [f"mlflow.tracking_uri={uri}", "mlflow.experiment=sweep", f"report.dir={tmp_path}", *more]
-    )
+    cfg = compose_report([f"mlflow.tracking_uri={uri}", "mlflow.experiment=sweep", f"report.dir={tmp_path}", *more])
     with pytest.raises(UserError, match=re.escape(message)):
         report.make_report(cfg)
 
 
 def test_a_missing_store_and_a_file_as_report_dir_are_refused(swept, tmp_path):
     uri, _, _ = swept
-    missing = compose_report([f"mlflow.tracking_uri=sqlite:///{tmp_path / 'none' / 'mlflow.db'}",
-                              f"report.dir={tmp_path / 'out'}"])
+    missing = compose_report(
+        [f"mlflow.tracking_uri=sqlite:///{tmp_path / 'none' / 'mlflow.db'}", f"report.dir={tmp_path / 'out'}"]
+    )
     with pytest.raises(UserError, match="no MLflow store"):
         report.make_report(missing)
     assert not (tmp_path / "none").exists() and not (tmp_path / "out").exists()
     file = tmp_path / "taken"
     file.write_text("mine")
-    cfg = compose_report(["sweep.name=r", f"mlflow.tracking_uri={uri}", "mlflow.experiment=sweep",
-                          f"report.dir={file}"])
+    cfg = compose_report(
+        ["sweep.name=r", f"mlflow.tracking_uri={uri}", "mlflow.experiment=sweep", f"report.dir={file}"]
+    )
     with pytest.raises(UserError, match="is a file"):
         report.make_report(cfg)
     assert file.read_text() == "mine"
 
 
 def test_statistics_and_rank_correlation():
-    s = report.stats([0.5, None, 0.7, math.nan])
-    assert (
-        s["n"] == 2
-        and s["mean"] == pytest.approx(0.6)
-        and s["std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
-    )
-    assert report.stats([0.3])["std"] is None and report.stats([])["mean"] is None
-    assert report.pm(report.stats([0.3])) == "0.3000 (n=1)"
-    assert report._spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert report._spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    assert report._spearman([1, 2], [1, 2]) is None
-    assert report.pm(report.stats([0.5, 0.7])) == f"0.6000 ± {np.std([0.5, 0.7], ddof=1):.4f} (n=2)"
+    s = report_facts.stats([0.5, None, 0.7, math.nan])
+    assert s["n"] == 2 and s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+    assert report_facts.stats([0.3])["std"] is None and report_facts.stats([])["mean"] is None
+    assert report_doc.pm(report_facts.stats([0.3])) == "0.3000 (n=1)"
+    assert report_facts.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert report_facts.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert report_facts.spearman([1, 2], [1, 2]) is None
+    assert report_doc.pm(report_facts.stats([0.5, 0.7])) == f"0.6000 ± {np.std([0.5, 0.7], ddof=1):.4f} (n=2)"
 
 
 def test_report_dir_holds_only_reports_and_a_rerun_replaces_its_own_files(swept, tmp_path):
@@ -377,6 +351,6 @@ def test_a_run_without_history_csv_reads_its_per_epoch_metrics(tmp_path):
     for epoch, (loss, val) in enumerate([(2.0, 0.3), (1.5, 0.5), (1.4, 0.45)], start=1):
         client.log_metric(run.info.run_id, "val_loss", loss, step=epoch)
         client.log_metric(run.info.run_id, "val_accuracy", val, step=epoch)
-    history = report.Artifacts(client, tmp_path / "dl").history(run.info.run_id)
+    history = Artifacts(client).history(run.info.run_id)
     assert [row["val_accuracy"] for row in history] == [0.3, 0.5, 0.45]
-    assert report.turning(history) == (3, False)
+    assert report_facts.turning(history) == (3, False)

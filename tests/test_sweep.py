@@ -1,62 +1,54 @@
 """The sweep: search space -> trial config, tracked trials, resume, failures, and the command lines."""
+
 from __future__ import annotations
 
 import csv
 import io
 import json
+import re
 import shutil
 import uuid
 from pathlib import Path
 
 import keras_tuner as kt
 import pytest
-from conftest import CONF_DIR, make_image_folder
-from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
-from test_train import REPO, all_artifacts, run_cli
 
-from lenet_sweep import cache, sweep
-from lenet_sweep.config import register_configs
+from conftest import REPO, all_artifacts, compose_sweep, make_image_folder, run_cli, runs_of, sweep_overrides
+from lenet_sweep import sweep, tuner
+from lenet_sweep.data import cache
 from lenet_sweep.errors import UserError
 from lenet_sweep.models import create_model
 
 
-def compose_sweep(overrides: list[str]):
-    """(config, optimizers) as `python -m lenet_sweep.sweep OVERRIDES` composes them."""
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="sweep", overrides=overrides)
-        return cfg, sweep.compose_optimizers(cfg, overrides)
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("sweep") / "data", n_train=12, n_val=10, size=36,
-                             messy=False)
-
-
-def overrides(folder: Path, tmp_path: Path, store: str, *more: str, name: str = "t") -> list[str]:
-    return [f"data.root={folder}", f"mlflow.tracking_uri={store}", "mlflow.experiment=sweep",
-            f"sweep.name={name}", f"sweep.dir={tmp_path / 'state'}", "train.batch_size=8", *more]
-
-
-def runs_of(store: str, kind: str) -> list:
-    client = MlflowClient(store)
-    exp = client.get_experiment_by_name("sweep")
-    return client.search_runs([exp.experiment_id], f"tags.`lenet_sweep.kind` = '{kind}'",
-                              order_by=["attributes.start_time ASC"]) if exp else []
+    return make_image_folder(tmp_path_factory.mktemp("sweep") / "data", n_train=12, n_val=10, size=36, messy=False)
 
 
 # ---- search space -> trial config --------------------------------------------------------------
+
 
 def test_each_value_lands_at_its_config_key_and_builds_through_the_model_builder(tmp_path):
     cfg, optimizers = compose_sweep(["tuner=random"])
     space = sweep.active_space(cfg, optimizers)
     hp = kt.HyperParameters()
     sweep.hyperparameter_values(hp, space)  # registers every dimension with its default
-    hp.values.update({"conv_layers": 4, "filters_1": 16, "filters_3": 64, "filters_4": 32, "dense_1": 256,
-                      "output_activation": "relu", "optimizer": "sgd", "sgd_learning_rate": 0.02,
-                      "sgd_momentum": 0.9, "dropout": 0.5, "epochs": 10})
+    hp.values.update(
+        {
+            "conv_layers": 4,
+            "filters_1": 16,
+            "filters_3": 64,
+            "filters_4": 32,
+            "dense_1": 256,
+            "output_activation": "relu",
+            "optimizer": "sgd",
+            "sgd_learning_rate": 0.02,
+            "sgd_momentum": 0.9,
+            "dropout": 0.5,
+            "epochs": 10,
+        }
+    )
     trial = sweep.trial_config(cfg, space, optimizers, hp)
     assert trial.model.conv_layers == 4 and list(trial.model.filters) == [16, 32, 64, 32]
     assert list(trial.model.dense) == [256] and trial.model.output_activation == "relu"
@@ -74,29 +66,59 @@ def test_each_value_lands_at_its_config_key_and_builds_through_the_model_builder
     assert "epochs" not in sweep.active_space(hyperband_cfg, optimizers)  # Hyperband's budget
 
 
-@pytest.mark.parametrize("bad, message", [
-    (["+search.space.nope={key: model.nope, type: choice, values: [1]}"], "model.nope.* is not a config key"),
-    (["search.space.dropout.type=uniform"], "choose one of choice, int, float, boolean"),
-    (["+search.space.early={key: model.dropout, type: choice, values: [0.1], when: {later: [1]}}"],
-     "must be a dimension listed above"),
-    (["+search.space.beta={key: optimizer.beta_1, type: choice, values: [0.9], when: {optimizer: [sgd]}}"],
-     "optimizer.beta_1.* is not a config key of optimizer=sgd"),
-    (["+search.space.few={key: model.dropout, type: int, min: 3, max: 1}"], "needs `min` <= `max`"),
-    (["tuner.kind=grid"], "tuner.kind='grid'"),
-    (["tuner.seed=0"], "KerasTuner reads 0 as unseeded"),
-    (["tuner.factor=1"], "tuner.factor=1: must be at least 2"),
-    (["search.space.dropout.values=[0,0.25]"], "KerasTuner refuses search=default"),  # int and float
-    (["search.space.adam_learning_rate.sampling=cubic"], "KerasTuner refuses search=default"),
-    (["+search.space.dropout.typo=1"], "search.space.dropout: Key 'typo' not in 'HyperParameterSpec'"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (
+            ["tuner.kind=grid"],
+            r"tuner.kind=grid.*Invalid value 'grid', expected one of \[random, bayesian, hyperband\]",
+        ),
+        (["tuner=random", "tuner.factor=9"], r"Could not override 'tuner.factor'"),  # Hyperband's knob, not random's
+        (["model.pooling=mean"], r"model.pooling=mean.*expected one of \[avg, max\]"),
+    ],
+)
+def test_a_value_outside_the_schema_is_refused_when_the_config_is_composed(bad, message):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as refused:
+        compose_sweep(bad)
+    chain = f"{refused.value} {refused.value.__cause__}"
+    assert re.search(message, chain, re.S), chain
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["+search.space.nope={key: model.nope, type: choice, values: [1]}"], "model.nope.* is not a config key"),
+        (["search.space.dropout.type=uniform"], "choose one of choice, int, float, boolean"),
+        (
+            ["+search.space.early={key: model.dropout, type: choice, values: [0.1], when: {later: [1]}}"],
+            "must be a dimension listed above",
+        ),
+        (
+            ["+search.space.beta={key: optimizer.beta_1, type: choice, values: [0.9], when: {optimizer: [sgd]}}"],
+            "optimizer.beta_1.* is not a config key of optimizer=sgd",
+        ),
+        (["+search.space.few={key: model.dropout, type: int, min: 3, max: 1}"], "needs `min` <= `max`"),
+        (["tuner.seed=0"], "KerasTuner reads 0 as unseeded"),
+        (["tuner.factor=1"], "tuner.factor=1: must be at least 2"),
+        (["search.space.dropout.values=[0,0.25]"], "KerasTuner refuses search=default"),  # int and float
+        (
+            ["search.space.adam_learning_rate.sampling=cubic"],
+            "search.space.adam_learning_rate.sampling='cubic': choose one of linear, log, reverse_log",
+        ),
+        (["+search.space.dropout.typo=1"], "search.space.dropout: Key 'typo' not in 'HyperParameterSpec'"),
+    ],
+)
 def test_a_bad_search_space_is_refused_before_anything_runs(bad, message, folder, tmp_path, store):
     with pytest.raises(UserError, match=message):
-        sweep.run_sweep(*compose_sweep(overrides(folder, tmp_path, store, *bad)))
+        sweep.run_sweep(*compose_sweep(sweep_overrides(folder, tmp_path, store, *bad)))
     # nothing recorded, nothing to resume
     assert not runs_of(store, "sweep") and not (tmp_path / "state" / "t" / "oracle.json").exists()
 
 
 # ---- a tracked sweep ---------------------------------------------------------------------------
+
 
 def test_three_trial_sweep_records_a_parent_and_one_child_per_trial(folder, tmp_path, store, monkeypatch):
     decoded_splits = []
@@ -107,7 +129,7 @@ def test_three_trial_sweep_records_a_parent_and_one_child_per_trial(folder, tmp_
         return real(cache_dir, root, split, *args, **kwargs)
 
     monkeypatch.setattr(cache, "load_or_decode", spy)
-    cfg, optimizers = compose_sweep(overrides(folder, tmp_path, store, "tuner.max_trials=3"))
+    cfg, optimizers = compose_sweep(sweep_overrides(folder, tmp_path, store, "tuner.max_trials=3"))
     lines: list[str] = []
     result = sweep.run_sweep(cfg, optimizers, lines.append)
     assert "test" not in decoded_splits  # the sweep never touches the test split
@@ -123,8 +145,13 @@ def test_three_trial_sweep_records_a_parent_and_one_child_per_trial(folder, tmp_
     assert parent.data.params["tuner.kind"] == "hyperband" and parent.data.params["sweep.name"] == "t"
     assert "output_activation" in parent.data.params["search.dimensions"].split(",")
     assert Path(parent.data.params["sweep.state_dir"], "oracle.json").exists()
-    assert {"config.yaml", "search_space.yaml", "sweep/ranking.csv", "sweep/relu_vs_softmax.png",
-            "sweep/val_accuracy_vs_hyperparameters.png"} <= all_artifacts(client, parent.info.run_id)
+    assert {
+        "config.yaml",
+        "search_space.yaml",
+        "sweep/ranking.csv",
+        "sweep/relu_vs_softmax.png",
+        "sweep/val_accuracy_vs_hyperparameters.png",
+    } <= all_artifacts(client, parent.info.run_id)
     parent = client.get_run(parent.info.run_id)
     assert parent.data.metrics["trials"] == 3 and parent.data.metrics["trials_finished"] == 3
     assert 0 < parent.data.metrics["tracking_overhead"] < 1
@@ -136,8 +163,18 @@ def test_three_trial_sweep_records_a_parent_and_one_child_per_trial(folder, tmp_
     for child in children:
         params, metrics = child.data.params, child.data.metrics
         trial_id = child.data.tags["lenet_sweep.trial_id"]
-        for name in ("input_size", "conv_layers", "filters_1", "dense_1", "output_activation", "optimizer",
-                     "tuner/epochs", "model.filters", "optimizer.learning_rate", "train.epochs"):
+        for name in (
+            "input_size",
+            "conv_layers",
+            "filters_1",
+            "dense_1",
+            "output_activation",
+            "optimizer",
+            "tuner/epochs",
+            "model.filters",
+            "optimizer.learning_rate",
+            "train.epochs",
+        ):
             assert name in params, name
         assert params["train.epochs"] == params["tuner/epochs"]
         assert metrics["best_val_accuracy"] == pytest.approx(scores[trial_id])  # KerasTuner's score
@@ -154,9 +191,9 @@ def test_three_trial_sweep_records_a_parent_and_one_child_per_trial(folder, tmp_
 
 
 def test_resume_after_an_interruption_repeats_no_finished_trial(folder, tmp_path, store, monkeypatch):
-    cfg, optimizers = compose_sweep(overrides(folder, tmp_path, store, "tuner.max_trials=3"))
+    cfg, optimizers = compose_sweep(sweep_overrides(folder, tmp_path, store, "tuner.max_trials=3"))
     fits = []
-    real_fit = sweep.LeNetHyperModel.fit
+    real_fit = tuner.TrialModel.fit
 
     interrupted = []
 
@@ -167,7 +204,7 @@ def test_resume_after_an_interruption_repeats_no_finished_trial(folder, tmp_path
             raise KeyboardInterrupt("Ctrl-C in trial 2")
         return real_fit(self, *args, **kwargs)
 
-    monkeypatch.setattr(sweep.LeNetHyperModel, "fit", interrupt_second)
+    monkeypatch.setattr(tuner.TrialModel, "fit", interrupt_second)
     with pytest.raises(KeyboardInterrupt):
         sweep.run_sweep(cfg, optimizers)
     (parent,) = runs_of(store, "sweep")
@@ -176,8 +213,10 @@ def test_resume_after_an_interruption_repeats_no_finished_trial(folder, tmp_path
 
     # a trial whose process was SIGKILLed stays RUNNING in MLflow: the resume must close it
     client = MlflowClient(store)
-    orphan = client.create_run(parent.info.experiment_id, tags={
-        "mlflow.parentRunId": parent.info.run_id, "lenet_sweep.kind": "trial", "lenet_sweep.trial_id": "9"})
+    orphan = client.create_run(
+        parent.info.experiment_id,
+        tags={"mlflow.parentRunId": parent.info.run_id, "lenet_sweep.kind": "trial", "lenet_sweep.trial_id": "9"},
+    )
 
     fits.clear()
     result = sweep.run_sweep(cfg, optimizers)
@@ -198,13 +237,24 @@ def test_resume_after_an_interruption_repeats_no_finished_trial(folder, tmp_path
 
 
 def test_diverging_and_crashing_trials_are_failed_with_reasons_and_the_sweep_goes_on(folder, tmp_path, store):
-    cfg, optimizers = compose_sweep(overrides(folder, tmp_path, store, "tuner=random", "optimizer=sgd",
-                                              "tuner.max_trials=4", "tuner.max_consecutive_failed_trials=10"))
-    # a learning rate that overflows, and a dense width the builder refuses
+    cfg, optimizers = compose_sweep(
+        sweep_overrides(
+            folder,
+            tmp_path,
+            store,
+            "tuner=random",
+            "optimizer=sgd",
+            "tuner.max_trials=4",
+            "tuner.max_consecutive_failed_trials=10",
+        )
+    )
+    # a learning rate that overflows (infinite: a merely huge one stays finite on some CPUs), and a dense width
+    # the builder refuses
     cfg.search.space = {
-        "learning_rate": {"key": "optimizer.learning_rate", "type": "choice", "values": [0.01, 1.0e12]},
+        "learning_rate": {"key": "optimizer.learning_rate", "type": "choice", "values": [0.01, float("inf")]},
         "dense_1": {"key": "model.dense.0", "type": "choice", "values": [16, 0]},
-        "epochs": {"key": "train.epochs", "type": "choice", "values": [2]}}
+        "epochs": {"key": "train.epochs", "type": "choice", "values": [2]},
+    }
     result = sweep.run_sweep(cfg, {})
     children = runs_of(store, "trial")
     assert len(children) == 4
@@ -220,7 +270,7 @@ def test_diverging_and_crashing_trials_are_failed_with_reasons_and_the_sweep_goe
 
 
 def test_a_changed_sweep_is_not_resumed_and_overwrite_starts_afresh(folder, tmp_path, store):
-    base = overrides(folder, tmp_path, store, "tuner.max_trials=1")
+    base = sweep_overrides(folder, tmp_path, store, "tuner.max_trials=1")
     sweep.run_sweep(*compose_sweep(base))
     with pytest.raises(UserError, match=r"model.dropout: 0.25 -> 0.5.*sweep.overwrite=true"):
         sweep.run_sweep(*compose_sweep([*base, "model.dropout=0.5"]))
@@ -234,10 +284,17 @@ def test_a_changed_sweep_is_not_resumed_and_overwrite_starts_afresh(folder, tmp_
 
 # ---- the command lines of the issue ------------------------------------------------------------
 
+
 def test_the_sweep_command_lines_work_as_written(folder, tmp_path, store):
     name = f"cli-{uuid.uuid4().hex[:8]}"
-    args = [f"data.root={folder}", "tuner.max_trials=3", "data.limit_per_class=20",
-            f"mlflow.tracking_uri={store}", f"mlflow.experiment={name}", f"sweep.name={name}"]
+    args = [
+        f"data.root={folder}",
+        "tuner.max_trials=3",
+        "data.limit_per_class=20",
+        f"mlflow.tracking_uri={store}",
+        f"mlflow.experiment={name}",
+        f"sweep.name={name}",
+    ]
     result = run_cli(["lenet_sweep.sweep", *args], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "top trials by validation accuracy" in result.stdout
@@ -248,9 +305,18 @@ def test_the_sweep_command_lines_work_as_written(folder, tmp_path, store):
     import subprocess
 
     try:
-        made = subprocess.run(["make", "-s", "sweep", "ARGS=" + " ".join(args[:4] + [
-            f"mlflow.experiment={name}-make", f"sweep.name={name}"])], cwd=REPO, capture_output=True,
-            text=True, timeout=600)
+        made = subprocess.run(
+            [
+                "make",
+                "-s",
+                "sweep",
+                "ARGS=" + " ".join(args[:4] + [f"mlflow.experiment={name}-make", f"sweep.name={name}"]),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert made.returncode == 0, made.stderr[-3000:]
         assert "top trials by validation accuracy" in made.stdout
     finally:
@@ -263,7 +329,7 @@ def test_the_sweep_command_lines_work_as_written(folder, tmp_path, store):
 
 
 def test_the_time_limit_stops_new_trials_and_a_rerun_goes_on(folder, tmp_path, store):
-    base = overrides(folder, tmp_path, store, "tuner.max_trials=2")
+    base = sweep_overrides(folder, tmp_path, store, "tuner.max_trials=2")
     lines: list[str] = []
     first = sweep.run_sweep(*compose_sweep([*base, "sweep.time_limit_minutes=0.0001"]), lines.append)
     assert len(first.rows) == 1 and any("time_limit_minutes=0.0001 reached" in line for line in lines)
@@ -272,11 +338,16 @@ def test_the_time_limit_stops_new_trials_and_a_rerun_goes_on(folder, tmp_path, s
 
 
 def test_too_many_failures_in_a_row_stop_the_sweep_cleanly(folder, tmp_path, store):
-    cfg, _ = compose_sweep(overrides(folder, tmp_path, store, "tuner=random", "tuner.max_trials=5",
-                                     "tuner.max_consecutive_failed_trials=2"))
+    cfg, _ = compose_sweep(
+        sweep_overrides(
+            folder, tmp_path, store, "tuner=random", "tuner.max_trials=5", "tuner.max_consecutive_failed_trials=2"
+        )
+    )
     # every trial fails as it starts to train (the model builds, the batches cannot)
-    cfg.search.space = {"batch_size": {"key": "train.batch_size", "type": "choice", "values": [0, -1, -2]},
-                        "epochs": {"key": "train.epochs", "type": "choice", "values": [1]}}
+    cfg.search.space = {
+        "batch_size": {"key": "train.batch_size", "type": "choice", "values": [0, -1, -2]},
+        "epochs": {"key": "train.epochs", "type": "choice", "values": [1]},
+    }
     result = sweep.run_sweep(cfg, {})
     assert "2 trials in a row failed" in result.stopped_because
     assert [r["status"] for r in result.rows] == ["FAILED", "FAILED"]
@@ -285,10 +356,21 @@ def test_too_many_failures_in_a_row_stop_the_sweep_cleanly(folder, tmp_path, sto
 
 
 def test_bayesian_search_with_two_executions_per_trial(folder, tmp_path, store):
-    cfg, _ = compose_sweep(overrides(folder, tmp_path, store, "tuner=bayesian", "tuner.max_trials=2",
-                                     "tuner.executions_per_trial=2", "tuner.num_initial_points=1"))
-    cfg.search.space = {"dense_1": {"key": "model.dense.0", "type": "choice", "values": [8, 16]},
-                        "epochs": {"key": "train.epochs", "type": "choice", "values": [2]}}
+    cfg, _ = compose_sweep(
+        sweep_overrides(
+            folder,
+            tmp_path,
+            store,
+            "tuner=bayesian",
+            "tuner.max_trials=2",
+            "tuner.executions_per_trial=2",
+            "tuner.num_initial_points=1",
+        )
+    )
+    cfg.search.space = {
+        "dense_1": {"key": "model.dense.0", "type": "choice", "values": [8, 16]},
+        "epochs": {"key": "train.epochs", "type": "choice", "values": [2]},
+    }
     result = sweep.run_sweep(cfg, {})
     assert [r["status"] for r in result.rows] == ["FINISHED", "FINISHED"]
     client = MlflowClient(store)
@@ -300,7 +382,7 @@ def test_bayesian_search_with_two_executions_per_trial(folder, tmp_path, store):
 
 
 def test_a_hyperband_trial_promoted_after_a_resume_keeps_its_earlier_epochs(folder, tmp_path, store):
-    base = overrides(folder, tmp_path, store, "tuner.max_epochs=3", "sweep.early_stopping_patience=null")
+    base = sweep_overrides(folder, tmp_path, store, "tuner.max_epochs=3", "sweep.early_stopping_patience=null")
     sweep.run_sweep(*compose_sweep([*base, "tuner.max_trials=3"]))  # bracket 1, round 0: 1 epoch each
     result = sweep.run_sweep(*compose_sweep([*base, "tuner.max_trials=4"]))  # round 1: the best, to 3
     client = MlflowClient(store)
@@ -317,35 +399,44 @@ def test_a_hyperband_trial_promoted_after_a_resume_keeps_its_earlier_epochs(fold
 def test_the_same_seeds_give_the_same_trials_and_scores(folder, tmp_path, store):
     results = []
     for name in ("a", "b"):
-        result = sweep.run_sweep(*compose_sweep(overrides(folder, tmp_path, store, "tuner.max_trials=3",
-                                                          name=name)))
-        results.append([(r["trial"], {k: r[k] for k in sweep.typed_space(compose_sweep([])[0]) if k in r},
-                         r["val_accuracy"], r["val_loss"]) for r in result.rows])
+        result = sweep.run_sweep(
+            *compose_sweep(sweep_overrides(folder, tmp_path, store, "tuner.max_trials=3", name=name))
+        )
+        results.append(
+            [
+                (
+                    r["trial"],
+                    {k: r[k] for k in sweep.typed_space(compose_sweep([])[0]) if k in r},
+                    r["val_accuracy"],
+                    r["val_loss"],
+                )
+                for r in result.rows
+            ]
+        )
     assert results[0] == results[1]
 
 
-def test_a_trial_finished_but_unsaved_at_a_kill_is_not_trained_or_logged_again(folder, tmp_path, store,
-                                                                             monkeypatch):
-    cfg, optimizers = compose_sweep(overrides(folder, tmp_path, store, "tuner.max_trials=2"))
-    real_end = sweep.TrialTracking.on_trial_end
+def test_a_trial_finished_but_unsaved_at_a_kill_is_not_trained_or_logged_again(folder, tmp_path, store, monkeypatch):
+    cfg, optimizers = compose_sweep(sweep_overrides(folder, tmp_path, store, "tuner.max_trials=2"))
+    real_end = tuner.TrialTracking.on_trial_end
 
     def killed_before_saving(self, trial):
         raise KeyboardInterrupt("killed between MLflow's FINISHED and KerasTuner's save")
 
-    monkeypatch.setattr(sweep.TrialTracking, "on_trial_end", killed_before_saving)
+    monkeypatch.setattr(tuner.TrialTracking, "on_trial_end", killed_before_saving)
     with pytest.raises(KeyboardInterrupt):
         sweep.run_sweep(cfg, optimizers)
     assert [c.info.status for c in runs_of(store, "trial")] == ["FINISHED"]
 
-    monkeypatch.setattr(sweep.TrialTracking, "on_trial_end", real_end)
+    monkeypatch.setattr(tuner.TrialTracking, "on_trial_end", real_end)
     fits = []
-    real_fit = sweep.LeNetHyperModel.fit
+    real_fit = tuner.TrialModel.fit
 
     def counted_fit(self, *args, **kwargs):
         fits.append(1)
         return real_fit(self, *args, **kwargs)
 
-    monkeypatch.setattr(sweep.LeNetHyperModel, "fit", counted_fit)
+    monkeypatch.setattr(tuner.TrialModel, "fit", counted_fit)
     result = sweep.run_sweep(cfg, optimizers)
     assert len(fits) == 1  # only the second trial trains; the first is taken from its MLflow run
     assert sorted(c.data.tags["lenet_sweep.trial_id"] for c in runs_of(store, "trial")) == ["0", "1"]

@@ -1,4 +1,5 @@
 """One tracked training run, end to end, through the command lines users type."""
+
 from __future__ import annotations
 
 import os
@@ -8,42 +9,49 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
-from conftest import CONF_DIR, make_image_folder
-from lenet_sweep.config import register_configs
-from lenet_sweep.train import open_store, prepare_data, train_and_log
+from conftest import REPO, all_artifacts, compose_config, make_image_folder, run_cli
+from lenet_sweep.data import prepare_data
+from lenet_sweep.tracking.store import open_store
+from lenet_sweep.train import train_and_log
 
-REPO = Path(CONF_DIR).parent
 ARTIFACTS = {
-    "config.yaml", "data/split_manifest.csv", "data/skipped_files.csv", "data/summary.json",
-    "table_i_packages.json", "table_i_packages.md", "history.csv",
-    "plots/loss.png", "plots/loss_magnified.png", "plots/accuracy.png",
-    "plots/val_loss_vs_val_accuracy.png", "plots/sample_images.png", "plots/confusion_matrix.png",
-    "evaluation/confusion_matrix.json", "model/model.keras", "model/labels.json", "model/preprocessing.json",
+    "config.yaml",
+    "data/split_manifest.csv",
+    "data/skipped_files.csv",
+    "data/summary.json",
+    "table_i_packages.json",
+    "table_i_packages.md",
+    "history.csv",
+    "plots/loss.png",
+    "plots/loss_magnified.png",
+    "plots/accuracy.png",
+    "plots/val_loss_vs_val_accuracy.png",
+    "plots/sample_images.png",
+    "plots/confusion_matrix.png",
+    "evaluation/confusion_matrix.json",
+    "model/model.keras",
+    "model/labels.json",
+    "model/preprocessing.json",
 }
 
 
-def run_cli(args: list[str], cwd: Path = REPO) -> subprocess.CompletedProcess:
-    # mlflow.set_tracking_uri (earlier tests, in this process) exports MLFLOW_TRACKING_URI, which the
-    # commands read as the store to use: each command here gets only the store its arguments name.
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
-
-
-def all_artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
-    found = set()
-    for item in client.list_artifacts(run_id, path):
-        found |= all_artifacts(client, run_id, item.path) if item.is_dir else {item.path}
-    return found
-
-
 def test_train_command_records_exactly_one_complete_run(image_folder, store):
-    result = run_cli(["lenet_sweep.train", "model=lenet5", "optimizer=sgd", f"data.root={image_folder}",
-                      "data.limit_per_class=20", "train.epochs=2", "train.batch_size=32", "seed=0",
-                      f"mlflow.tracking_uri={store}", "mlflow.experiment=NAME"])
+    result = run_cli(
+        [
+            "lenet_sweep.train",
+            "model=lenet5",
+            "optimizer=sgd",
+            f"data.root={image_folder}",
+            "data.limit_per_class=20",
+            "train.epochs=2",
+            "train.batch_size=32",
+            "seed=0",
+            f"mlflow.tracking_uri={store}",
+            "mlflow.experiment=NAME",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "epoch 2/2" in result.stdout and "ETA" in result.stdout and "elapsed" in result.stdout
 
@@ -75,16 +83,17 @@ def test_train_command_records_exactly_one_complete_run(image_folder, store):
     assert "filters:\n  - 6\n  - 16" in config or "filters: [6, 16]" in config
 
     import keras
-    model = keras.saving.load_model(client.download_artifacts(run.info.run_id, "model/model.keras"),
-                                    safe_mode=True)
+
+    model = keras.saving.load_model(client.download_artifacts(run.info.run_id, "model/model.keras"), safe_mode=True)
     assert model.output_shape == (None, 3)
 
 
 def test_default_store_is_embedded_and_hydra_leaves_no_files(image_folder, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
-    result = run_cli(["lenet_sweep.train", f"data.root={image_folder}", "train.epochs=1",
-                      "data.limit_per_class=2"], cwd=work)
+    result = run_cli(
+        ["lenet_sweep.train", f"data.root={image_folder}", "train.epochs=1", "data.limit_per_class=2"], cwd=work
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in work.iterdir()) == ["mlruns"]
     assert (work / "mlruns" / "mlflow.db").is_file()
@@ -93,14 +102,17 @@ def test_default_store_is_embedded_and_hydra_leaves_no_files(image_folder, tmp_p
     assert run.info.artifact_uri.startswith((work / "mlruns" / "artifacts").as_uri())
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.epochs=fail", "could not be converted to Integer"),
-    ("model=resnet", "Could not find 'model/resnet'"),
-    ("data.root=/nonexistent/folder", "error: data.root '/nonexistent/folder' is not a folder"),
-    ("train.epochs=0", "error: train.epochs=0: must be at least 1"),
-    ("model.output_activation=softplusplus", "error: model.output_activation='softplusplus' is not a Keras"),
-    ("optimizer.momentum=[1,2]", "optimizer.momentum"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epochs=fail", "could not be converted to Integer"),
+        ("model=resnet", "Could not find 'model/resnet'"),
+        ("data.root=/nonexistent/folder", "error: data.root '/nonexistent/folder' is not a folder"),
+        ("train.epochs=0", "error: train.epochs=0: must be at least 1"),
+        ("model.output_activation=softplusplus", "error: model.output_activation='softplusplus' is not a Keras"),
+        ("optimizer.momentum=[1,2]", "optimizer.momentum"),
+    ],
+)
 def test_bad_input_fails_with_a_clear_message_and_records_nothing(override, message, image_folder, store):
     args = ["lenet_sweep.train", f"data.root={image_folder}", f"mlflow.tracking_uri={store}", override]
     result = run_cli(args)
@@ -114,15 +126,20 @@ def test_bad_input_fails_with_a_clear_message_and_records_nothing(override, mess
 
 
 def compose_train(overrides: list[str]):
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    return compose_config("train", overrides)
 
 
 def test_same_seed_gives_the_same_metrics(tmp_path):
     root = make_image_folder(tmp_path / "d", n_train=6, n_val=5, messy=False)
-    cfg = compose_train([f"data.root={root}", "train.epochs=2", "train.batch_size=4", "seed=7",
-                         f"mlflow.tracking_uri=sqlite:///{tmp_path / 's' / 'mlflow.db'}"])
+    cfg = compose_train(
+        [
+            f"data.root={root}",
+            "train.epochs=2",
+            "train.batch_size=4",
+            "seed=7",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 's' / 'mlflow.db'}",
+        ]
+    )
     exp = open_store(cfg.mlflow)
     prepared = prepare_data(cfg.data, cfg.model.input_size, cfg.seed)
     first = train_and_log(cfg, prepared, exp)
@@ -134,9 +151,15 @@ def test_same_seed_gives_the_same_metrics(tmp_path):
 
 def test_diverging_run_is_marked_failed_with_its_reason(tmp_path):
     root = make_image_folder(tmp_path / "d", n_train=6, n_val=5, messy=False)
-    cfg = compose_train([f"data.root={root}", "train.epochs=5", "train.batch_size=4",
-                         "optimizer.learning_rate=1e12",
-                         f"mlflow.tracking_uri=sqlite:///{tmp_path / 's' / 'mlflow.db'}"])
+    cfg = compose_train(
+        [
+            f"data.root={root}",
+            "train.epochs=5",
+            "train.batch_size=4",
+            "optimizer.learning_rate=1e12",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 's' / 'mlflow.db'}",
+        ]
+    )
     exp = open_store(cfg.mlflow)
     result = train_and_log(cfg, prepare_data(cfg.data, cfg.model.input_size, cfg.seed), exp)
     assert result.diverged
@@ -146,8 +169,16 @@ def test_diverging_run_is_marked_failed_with_its_reason(tmp_path):
 
 
 def test_reproduce_prints_and_logs_table_ii(image_folder, store):
-    result = run_cli(["lenet_sweep.reproduce", f"data.root={image_folder}", "train.epochs=1",
-                      "data.limit_per_class=3", f"mlflow.tracking_uri={store}", "mlflow.experiment=repro"])
+    result = run_cli(
+        [
+            "lenet_sweep.reproduce",
+            f"data.root={image_folder}",
+            "train.epochs=1",
+            "data.limit_per_class=3",
+            f"mlflow.tracking_uri={store}",
+            "mlflow.experiment=repro",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Table II" in result.stdout and "0.5136" in result.stdout and "0.6321" in result.stdout
     client = MlflowClient(store)
@@ -168,10 +199,25 @@ def test_killed_run_is_marked_killed_and_keeps_its_epochs(tmp_path, store):
 
     root = make_image_folder(tmp_path / "d", n_train=40, n_val=5, size=64, messy=False)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lenet_sweep.train", "model=modified_lenet",
-                             "optimizer=adam", f"data.root={root}", "train.epochs=500", "train.batch_size=8",
-                             f"mlflow.tracking_uri={store}", "mlflow.experiment=killed"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lenet_sweep.train",
+            "model=modified_lenet",
+            "optimizer=adam",
+            f"data.root={root}",
+            "train.epochs=500",
+            "train.batch_size=8",
+            f"mlflow.tracking_uri={store}",
+            "mlflow.experiment=killed",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     for line in proc.stdout:
         if line.startswith("epoch 2/500") or time.time() > deadline:
@@ -188,31 +234,37 @@ def test_killed_run_is_marked_killed_and_keeps_its_epochs(tmp_path, store):
 
 def test_reproduce_refuses_a_bad_override_before_training_anything(image_folder, store):
     # momentum is an SGD field: valid for LeNet-5's row, not for the modified LeNet's Adam
-    result = run_cli(["lenet_sweep.reproduce", f"data.root={image_folder}", "optimizer.momentum=0.9",
-                      f"mlflow.tracking_uri={store}", "mlflow.experiment=repro"])
+    result = run_cli(
+        [
+            "lenet_sweep.reproduce",
+            f"data.root={image_folder}",
+            "optimizer.momentum=0.9",
+            f"mlflow.tracking_uri={store}",
+            "mlflow.experiment=repro",
+        ]
+    )
     assert result.returncode != 0
     assert "error: the study row modified_lenet/adam cannot take these overrides" in result.stderr
     assert "epoch 1/" not in result.stdout and "Traceback" not in result.stderr
 
 
-def test_passwords_in_the_tracking_uri_are_not_logged():
-    from lenet_sweep.store import redact
-
-    assert redact("postgresql://me:s3cret@db:5432/mlflow") == "postgresql://me:***@db:5432/mlflow"
-    assert redact("https://tracking.example/path") == "https://tracking.example/path"
-    assert redact(None) is None
-
-
 def test_cache_on_or_off_and_steps_per_execution_give_the_same_metrics(tmp_path):
     root = make_image_folder(tmp_path / "d", n_train=7, n_val=5, messy=False)
-    base = [f"data.root={root}", "train.epochs=2", "train.batch_size=4", "seed=3",
-            f"mlflow.tracking_uri=sqlite:///{tmp_path / 's' / 'mlflow.db'}"]
+    base = [
+        f"data.root={root}",
+        "train.epochs=2",
+        "train.batch_size=4",
+        "seed=3",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 's' / 'mlflow.db'}",
+    ]
     keys = ("loss", "accuracy", "val_loss", "val_accuracy")
     results = []
-    for overrides in (["data.decode_cache=null", "train.steps_per_execution=1"],
-                      [f"data.decode_cache={tmp_path / 'c'}", "train.steps_per_execution=1"],  # builds it
-                      [f"data.decode_cache={tmp_path / 'c'}", "train.steps_per_execution=1"],  # loads it
-                      [f"data.decode_cache={tmp_path / 'c'}", "train.steps_per_execution=4"]):  # 6 steps/epoch
+    for overrides in (
+        ["data.decode_cache=null", "train.steps_per_execution=1"],
+        [f"data.decode_cache={tmp_path / 'c'}", "train.steps_per_execution=1"],  # builds it
+        [f"data.decode_cache={tmp_path / 'c'}", "train.steps_per_execution=1"],  # loads it
+        [f"data.decode_cache={tmp_path / 'c'}", "train.steps_per_execution=4"],
+    ):  # 6 steps/epoch
         cfg = compose_train(base + overrides)
         prepared = prepare_data(cfg.data, cfg.model.input_size, cfg.seed)
         result = train_and_log(cfg, prepared, open_store(cfg.mlflow))

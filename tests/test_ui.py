@@ -1,4 +1,5 @@
 """`make ui` serves the store, and a sweep's runs compare in the MLflow UI: checked in headless Chromium."""
+
 from __future__ import annotations
 
 import os
@@ -10,19 +11,22 @@ import time
 import urllib.request
 
 import pytest
-from conftest import make_image_folder
-from mlflow.tracking import MlflowClient
-from test_sweep import compose_sweep, overrides
-from test_train import REPO
 
-from lenet_sweep import sweep
+from conftest import REPO
 from lenet_sweep import ui as ui_module
 from lenet_sweep.errors import UserError
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Flags for a headless Chromium on a machine with no network: no background connections, no sandbox as root.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 TIMEOUT_MS = 60_000  # a 2-core machine under test load renders slowly
 
 
@@ -33,19 +37,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory):
-    """A two-trial sweep in its own store: (store URI, experiment id, trial runs by name)."""
-    tmp = tmp_path_factory.mktemp("ui")
-    folder = make_image_folder(tmp / "data", n_train=8, n_val=6, size=36, messy=False)
-    store = f"sqlite:///{tmp / 'store' / 'mlflow.db'}"
-    cfg, optimizers = compose_sweep(overrides(folder, tmp, store, "tuner=random", "tuner.max_trials=2",
-                                              "train.epochs=2", name="ui"))
-    cfg.search.space = {"dense_1": {"key": "model.dense.0", "type": "choice", "values": [16, 32]}}
-    result = sweep.run_sweep(cfg, optimizers)
-    client = MlflowClient(store)
-    experiment = client.get_experiment_by_name("sweep").experiment_id
-    trials = {client.get_run(r["run_id"]).info.run_name: r["run_id"] for r in result.rows}
-    return store, experiment, trials
+def swept(tiny_sweep):
+    """The session's two-trial sweep: (store URI, experiment id, trial runs by name)."""
+    return tiny_sweep["store"], tiny_sweep["experiment"], tiny_sweep["trials"]
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +50,14 @@ def ui(swept, tmp_path_factory):
     log = tmp_path_factory.mktemp("ui-log") / "make-ui.log"
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PORT": str(port)}
     with log.open("w") as out:
-        server = subprocess.Popen(["make", "--no-print-directory", "ui"], cwd=REPO, env=env, stdout=out,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(
+            ["make", "--no-print-directory", "ui"],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -88,8 +88,11 @@ def test_make_ui_serves_the_store_on_loopback_and_prints_the_url(ui, swept):
     assert f"Uvicorn running on {url}" in printed  # the server itself bound to loopback, on PORT
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed and `make browser` could not install "
-                    "it (it needs root and apt-get: apt-get install chromium)")
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="Chromium is not installed and `make browser` could not install "
+    "it (it needs root and apt-get: apt-get install chromium)",
+)
 def test_a_sweeps_trials_compare_in_the_browser(ui, swept, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -124,9 +127,17 @@ def test_a_sweeps_trials_compare_in_the_browser(ui, swept, tmp_path):
             # the compare view: both trials, their hyperparameters and results side by side
             page.get_by_role("button", name="Compare").click()
             expect(page.get_by_text("Comparing 2 Runs")).to_be_visible()
-            for name in ("dense_1", "model.dense", "model.filters", "model.conv_layers", "model.input_size",
-                         "model.output_activation", "optimizer.name", "optimizer.learning_rate",
-                         "train.epochs"):
+            for name in (
+                "dense_1",
+                "model.dense",
+                "model.filters",
+                "model.conv_layers",
+                "model.input_size",
+                "model.output_activation",
+                "optimizer.name",
+                "optimizer.learning_rate",
+                "train.epochs",
+            ):
                 expect(page.get_by_text(name, exact=True).first).to_be_visible()
             for name in ("best_val_accuracy", "val_accuracy", "val_loss", "epochs_run", "trial_seconds"):
                 expect(page.get_by_text(name, exact=True).first).to_be_visible()
@@ -148,15 +159,21 @@ def test_a_sweeps_trials_compare_in_the_browser(ui, swept, tmp_path):
             raise
         finally:
             browser.close()
-    assert all((tmp_path / f).stat().st_size > 10_000 for f in
-               ("1-experiment.png", "2-trials.png", "3-compare.png", "4-curves.png"))
+    assert all(
+        (tmp_path / f).stat().st_size > 10_000
+        for f in ("1-experiment.png", "2-trials.png", "3-compare.png", "4-curves.png")
+    )
 
 
 def test_ui_refuses_a_taken_port_and_a_tracking_server(tmp_path):
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.create({"mlflow": {"tracking_uri": None, "store_dir": str(tmp_path / "mlruns")},
-                            "ui": {"host": "127.0.0.1", "port": 0}})
+    cfg = OmegaConf.create(
+        {
+            "mlflow": {"tracking_uri": None, "store_dir": str(tmp_path / "mlruns")},
+            "ui": {"host": "127.0.0.1", "port": 0},
+        }
+    )
     command, url = ui_module.server_command(cfg)
     store = command[command.index("--backend-store-uri") + 1]
     assert store == f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"

@@ -1,5 +1,6 @@
 """Where runs go and how commands that read find them again: the MLflow store, the experiment, a sweep's
 parent run and its trials. Light (no TensorFlow), for `ui` and `report` too."""
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,10 @@ def experiment_id(client: MlflowClient, name: str, artifact_location: Optional[s
     found = client.get_experiment_by_name(name)
     if found is not None:
         if found.lifecycle_stage == "deleted":
-            raise UserError(f"MLflow experiment {name!r} is deleted: restore it "
-                             f"(mlflow experiments restore) or choose another mlflow.experiment")
+            raise UserError(
+                f"MLflow experiment {name!r} is deleted: restore it "
+                f"(mlflow experiments restore) or choose another mlflow.experiment"
+            )
         return found.experiment_id
     return client.create_experiment(name, artifact_location=artifact_location)
 
@@ -60,9 +63,11 @@ def open_store(mlflow_cfg: Any, create: bool = True) -> str:
     `create` is False: then a missing store or experiment is an error, for commands that read)."""
     if not create:
         where = mlflow_cfg.tracking_uri or f"sqlite:///{Path(mlflow_cfg.store_dir).expanduser().resolve()}/mlflow.db"
-        if where.startswith("sqlite:///") and not Path(where[len("sqlite:///"):]).is_file():
-            raise UserError(f"no MLflow store at {where}: give the sweep's mlflow.tracking_uri "
-                            "(or mlflow.store_dir), or run the sweep first")
+        if where.startswith("sqlite:///") and not Path(where[len("sqlite:///") :]).is_file():
+            raise UserError(
+                f"no MLflow store at {where}: give the sweep's mlflow.tracking_uri "
+                "(or mlflow.store_dir), or run the sweep first"
+            )
     uri, artifact_location = resolve_store(mlflow_cfg.tracking_uri, mlflow_cfg.store_dir)
     if urllib.parse.urlsplit(uri).scheme in ("", "file"):
         # MLflow 3 refuses its file store unless asked; a user who names one has asked.
@@ -71,8 +76,10 @@ def open_store(mlflow_cfg: Any, create: bool = True) -> str:
     client = MlflowClient(uri)
     if not create and client.get_experiment_by_name(mlflow_cfg.experiment) is None:
         known = ", ".join(e.name for e in client.search_experiments()) or "none"
-        raise UserError(f"no MLflow experiment {mlflow_cfg.experiment!r} in {redact(uri)} (experiments "
-                        f"there: {known}): give the sweep's mlflow.experiment")
+        raise UserError(
+            f"no MLflow experiment {mlflow_cfg.experiment!r} in {redact(uri)} (experiments "
+            f"there: {known}): give the sweep's mlflow.experiment"
+        )
     return experiment_id(client, mlflow_cfg.experiment, artifact_location)
 
 
@@ -91,15 +98,18 @@ def find_sweep(client: MlflowClient, experiment_id: str, name: Optional[str], ex
     if name is not None:
         parent = find_sweep_run(client, experiment_id, name)
     else:
-        runs = client.search_runs([experiment_id], "tags.`lenet_sweep.kind` = 'sweep'",
-                                  order_by=["attributes.start_time DESC"], max_results=1)
+        runs = client.search_runs(
+            [experiment_id], "tags.`lenet_sweep.kind` = 'sweep'", order_by=["attributes.start_time DESC"], max_results=1
+        )
         parent = runs[0] if runs else None
     if parent is None:
         runs = client.search_runs([experiment_id], "tags.`lenet_sweep.kind` = 'sweep'", max_results=200)
         known = sorted({r.data.tags.get("lenet_sweep.sweep", "?") for r in runs})
         wanted = f"no sweep named {name!r}" if name is not None else "no sweep"
-        raise UserError(f"{wanted} in MLflow experiment {experiment!r} (sweeps there: "
-                        f"{', '.join(known) or 'none'}): give sweep.name=NAME of a sweep you ran")
+        raise UserError(
+            f"{wanted} in MLflow experiment {experiment!r} (sweeps there: "
+            f"{', '.join(known) or 'none'}): give sweep.name=NAME of a sweep you ran"
+        )
     return parent
 
 
@@ -107,8 +117,9 @@ def all_runs(client: MlflowClient, experiment_id: str, query: str) -> list:
     """Every run of the experiment that `query` (an MLflow search filter) selects, oldest first."""
     runs, token = [], None
     while True:
-        page = client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"],
-                                  max_results=1000, page_token=token)
+        page = client.search_runs(
+            [experiment_id], query, order_by=["attributes.start_time ASC"], max_results=1000, page_token=token
+        )
         runs += list(page)
         token = page.token
         if not token:
@@ -122,16 +133,19 @@ def trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> 
 
 def latest_best(client: MlflowClient, experiment_id: str, sweep_run_id: str, finished: bool = False):
     """The latest `best` run of a sweep (only a FINISHED one if `finished`), or None."""
-    query = (f"tags.`lenet_sweep.kind` = 'best' and tags.`lenet_sweep.sweep_run_id` = '{sweep_run_id}'"
-             + (" and attributes.status = 'FINISHED'" if finished else ""))
+    query = f"tags.`lenet_sweep.kind` = 'best' and tags.`lenet_sweep.sweep_run_id` = '{sweep_run_id}'" + (
+        " and attributes.status = 'FINISHED'" if finished else ""
+    )
     runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
 
 
 def latest_attempts(client: MlflowClient, experiment_id: str, parent_run_id: str) -> dict[str, Any]:
     """Each trial's latest attempt (its MLflow run), by trial id."""
-    return {run.data.tags.get("lenet_sweep.trial_id", run.info.run_id): run
-            for run in trial_runs(client, experiment_id, parent_run_id)}
+    return {
+        run.data.tags.get("lenet_sweep.trial_id", run.info.run_id): run
+        for run in trial_runs(client, experiment_id, parent_run_id)
+    }
 
 
 def quote(text: str) -> str:

@@ -10,6 +10,7 @@ on load its recorded key, array shapes and SHA-256 are checked, and an entry tha
 (partly written, truncated, edited) is reported, deleted and rebuilt. Nothing under the data root is
 ever written.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,23 +20,34 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional, TextIO
+from typing import Optional, TextIO
 
 import numpy as np
 
-from lenet_sweep.data import DecodedSplit, SplitFiles, decode_split
+from lenet_sweep.data.decode import DecodedSplit, decode_split
+from lenet_sweep.data.listing import SplitFiles
 
 FORMAT = 1  # bump when the entry layout or the decoding changes: old entries then stop matching
 Progress = Callable[[str], None]
 
 
-def cache_key(root: Path, split: str, files: SplitFiles, size: int, interpolation: str,
-              antialias: bool) -> str:
+def cache_key(root: Path, split: str, files: SplitFiles, size: int, interpolation: str, antialias: bool) -> str:
     """SHA-256 over everything the decoded pixels depend on (see the module docstring)."""
-    digest = hashlib.sha256(json.dumps(
-        {"format": FORMAT, "root": str(Path(root).resolve()), "split": split, "size": size,
-         "interpolation": interpolation, "antialias": antialias}, sort_keys=True).encode())
+    digest = hashlib.sha256(
+        json.dumps(
+            {
+                "format": FORMAT,
+                "root": str(Path(root).resolve()),
+                "split": split,
+                "size": size,
+                "interpolation": interpolation,
+                "antialias": antialias,
+            },
+            sort_keys=True,
+        ).encode()
+    )
     for rel, label in zip(files.paths, files.labels):
         try:
             st = (root / rel).stat()
@@ -61,12 +73,13 @@ def _load(entry: Path, key: str, size: int) -> DecodedSplit:
     labels = np.load(entry / "labels.npy", allow_pickle=False)
     count = len(meta["paths"])
     if images.dtype != np.uint8 or images.shape != (count, size, size, 3) or labels.shape != (count,):
-        raise ValueError(f"its arrays have shapes {images.shape} and {labels.shape}, "
-                         f"expected {(count, size, size, 3)} and {(count,)}")
+        raise ValueError(
+            f"its arrays have shapes {images.shape} and {labels.shape}, "
+            f"expected {(count, size, size, 3)} and {(count,)}"
+        )
     if _sha256(images, labels) != meta["sha256"]:
         raise ValueError("its arrays do not match their recorded SHA-256")
-    return DecodedSplit(images, labels.astype(np.int32), list(meta["paths"]),
-                        [tuple(row) for row in meta["skipped"]])
+    return DecodedSplit(images, labels.astype(np.int32), list(meta["paths"]), [tuple(row) for row in meta["skipped"]])
 
 
 def _save(cache_dir: Path, entry: Path, key: str, split: DecodedSplit) -> None:
@@ -75,9 +88,14 @@ def _save(cache_dir: Path, entry: Path, key: str, split: DecodedSplit) -> None:
     try:
         np.save(tmp / "images.npy", split.images, allow_pickle=False)
         np.save(tmp / "labels.npy", split.labels, allow_pickle=False)
-        meta = {"format": FORMAT, "key": key, "paths": split.paths,
-                "skipped": [list(row) for row in split.skipped],
-                "sha256": _sha256(split.images, split.labels), "created": time.time()}
+        meta = {
+            "format": FORMAT,
+            "key": key,
+            "paths": split.paths,
+            "skipped": [list(row) for row in split.skipped],
+            "sha256": _sha256(split.images, split.labels),
+            "created": time.time(),
+        }
         # meta.json last: an entry without it is incomplete by construction.
         (tmp / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
         try:
@@ -90,9 +108,17 @@ def _save(cache_dir: Path, entry: Path, key: str, split: DecodedSplit) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_or_decode(cache_dir: str | os.PathLike, root: Path, split: str, files: SplitFiles, size: int,
-                   interpolation: str = "bilinear", antialias: bool = False, threads: int = 2,
-                   progress: Optional[Progress] = None) -> tuple[DecodedSplit, str]:
+def load_or_decode(
+    cache_dir: str | os.PathLike,
+    root: Path,
+    split: str,
+    files: SplitFiles,
+    size: int,
+    interpolation: str = "bilinear",
+    antialias: bool = False,
+    threads: int = 2,
+    progress: Optional[Progress] = None,
+) -> tuple[DecodedSplit, str]:
     """The decoded `split` at `size` pixels from the cache under `cache_dir`, decoding and caching it
     first when no valid entry exists. Returns the split and how it was obtained ("cache" | "decoded")."""
     cache_dir = Path(cache_dir).expanduser()
@@ -112,8 +138,10 @@ def load_or_decode(cache_dir: str | os.PathLike, root: Path, split: str, files: 
         _save(cache_dir, entry, key, decoded)
     except OSError as err:  # a full or read-only disk costs speed, never the run
         if progress:
-            progress(f"{split}: could not write the decode cache under {cache_dir} ({err}); "
-                     "continuing without it (set data.decode_cache to a writable folder, or null)")
+            progress(
+                f"{split}: could not write the decode cache under {cache_dir} ({err}); "
+                "continuing without it (set data.decode_cache to a writable folder, or null)"
+            )
     return decoded, "decoded"
 
 

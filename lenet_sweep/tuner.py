@@ -1,0 +1,372 @@
+"""The KerasTuner adapter: every hook lenet_sweep overrides, in one place (tests/test_tuner.py pins the
+KerasTuner behaviour each one relies on).
+
+- `TrialModel(kt.HyperModel)`: `build` seeds and compiles the trial's config; `fit` trains it through
+  `trial.fit`, the one path every training takes.
+- `TrialTracking`, mixed into KerasTuner's tuners: `run_trial` makes each trial an MLflow run (FINISHED, or
+  FAILED with its reason: `FailedTrialError`, which KerasTuner records without retrying);
+  `_build_and_fit_model` (called once per execution) sets that execution's seed and MLflow logging;
+  `on_trial_end` prints progress and stops the sweep (time limit, failures in a row) by lowering the oracle's
+  `max_trials`, KerasTuner's own stop.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import keras
+import keras_tuner as kt
+import mlflow
+import numpy as np
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+
+from lenet_sweep import trial as T
+from lenet_sweep.cli import clock
+from lenet_sweep.data import DataBySize
+from lenet_sweep.tracking.artifacts import Artifacts
+from lenet_sweep.tracking.runs import CONFIG, config_yaml, end_killed, flatten, loggable_config, tracked_run
+from lenet_sweep.tracking.store import trial_runs
+
+Progress = Callable[[str], None]
+OBJECTIVE = T.OBJECTIVE
+
+
+class TrialModel(kt.HyperModel):
+    """Builds and fits one trial from the config `config_of(hp)` gives; the tuner sets `seed` and
+    `tracking` for each execution."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        config_of: Callable[[kt.HyperParameters], DictConfig],
+        values_of: Callable[[kt.HyperParameters], dict[str, Any]],
+        data: DataBySize,
+        num_classes: int,
+        patience: Optional[int] = None,
+    ):
+        super().__init__(name="lenet_sweep")
+        self.cfg, self.config, self.values = cfg, config_of, values_of
+        self.data, self.num_classes, self.patience = data, num_classes, patience
+        self.seed = cfg.seed
+        self.tracking: Optional[T.Tracking] = None
+        self.fitted: Optional[T.Fitted] = None  # the last execution's
+
+    def build(self, hp: kt.HyperParameters) -> keras.Model:
+        cfg = self.config(hp)
+        # KerasTuner clears the Keras session before each build, which drops the global seed.
+        keras.utils.set_random_seed(self.seed)
+        return T.compile_model(cfg, self.num_classes)
+
+    def fit(
+        self,
+        hp: kt.HyperParameters,
+        model: keras.Model,
+        *args,
+        callbacks=(),
+        epochs=None,
+        initial_epoch: int = 0,
+        **kwargs,
+    ):
+        cfg = self.config(hp)
+        fitted = T.fit(
+            cfg,
+            model,
+            self.data.at(cfg.model.input_size),
+            seed=self.seed,
+            tracking=self.tracking,
+            patience=self.patience,
+            callbacks=callbacks,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+        )
+        self.fitted = fitted
+        return fitted.history
+
+
+@dataclass
+class SweepContext:
+    """Where the tuners record: the MLflow experiment and parent run, and who prints progress."""
+
+    experiment_id: str
+    parent_run_id: str
+    sweep_name: str
+    print_fn: Optional[Progress]
+    started: float
+    time_limit_minutes: Optional[float] = None
+    max_consecutive_failures: int = 3
+    stopped_because: str = ""
+
+
+def best_epoch_metrics(histories: list) -> dict[str, float]:
+    """KerasTuner's score of a trial: each execution's metrics at its best `OBJECTIVE` epoch, averaged."""
+    rows = []
+    for history in histories:
+        h = history.history
+        scores = np.array(h.get(OBJECTIVE, [np.nan]), dtype=float)
+        best = int(np.nanargmax(scores)) if np.isfinite(scores).any() else len(scores) - 1
+        rows.append({k: float(v[best]) for k, v in h.items()} | {"best_epoch": history.epoch[best] + 1})
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+class TrialTracking:
+    """Mixed into a KerasTuner tuner: each trial is a nested MLflow run, FINISHED or FAILED with its reason.
+
+    A diverged (NaN) or crashed trial raises `FailedTrialError`, which KerasTuner records without
+    retrying; the sweep goes on. An interrupt ends the trial's run KILLED and stops the sweep.
+    """
+
+    def __init__(self, *args, context: SweepContext, **kwargs):
+        self.context = context
+        self.histories: dict[str, list[dict]] = {}  # trial id -> rows, for Hyperband's promoted trials
+        self.last_reason = ""
+        self.failures_in_a_row = 0
+        self._fits: list[T.Fitted] = []  # the trial's executions so far
+        super().__init__(*args, **kwargs)
+
+    def _build_and_fit_model(self, trial, *args, **kwargs):
+        # Called once per execution with KerasTuner's own (copied) callbacks; ours are trial.fit's.
+        execution = len(self._fits)
+        model: TrialModel = self.hypermodel
+        model.seed = model.cfg.seed + int(trial.trial_id) + 100_000 * execution
+        hp = trial.hyperparameters
+        previous = hp.values.get("tuner/trial_id")
+        initial = int(hp.values.get("tuner/initial_epoch", 0))
+        inherited: list[dict] = []
+        if previous:  # Hyperband: this trial goes on from `previous`'s weights at epoch `initial`
+            if previous not in self.histories:  # trained before a resume: read back what was logged
+                self.histories[previous] = recorded_history(self.context, previous)
+            inherited = (self.histories[previous] + [{}] * initial)[:initial]
+        shown = f" (execution 1 of {self.executions_per_trial})" if self.executions_per_trial > 1 else ""
+        cfg = model.config(hp)
+        model.tracking = T.Tracking(
+            MlflowClient(mlflow.get_tracking_uri()),
+            mlflow.active_run().info.run_id,
+            prefix=f"execution{execution}." if execution else "",
+            title=f"trial {trial.trial_id}{shown}: {cfg.model.name}, {describe(model.values(hp))}",
+            inherited=inherited,
+            restarts=[initial] if previous else [],
+            artifacts=execution == 0,
+            score=False,
+        )
+        results = super()._build_and_fit_model(trial, *args, **kwargs)
+        self._fits.append(model.fitted)
+        return results
+
+    def run_trial(self, trial, *args, **kwargs):
+        started = time.perf_counter()
+        hp = trial.hyperparameters
+        attempts = trial_attempts(self.context, trial.trial_id)
+        recorded = next((run for run in attempts if run.info.status == "FINISHED"), None)
+        if recorded is not None:
+            # Finished and logged, but the process ended before KerasTuner saved it: reuse, don't retrain.
+            m = recorded.data.metrics
+            return {k[len("best_") :]: v for k, v in m.items() if k.startswith("best_") and k != "best_epoch"}
+        self._fits = []
+        reason = ""
+        tags = {
+            "lenet_sweep.kind": "trial",
+            "lenet_sweep.sweep": self.context.sweep_name,
+            "lenet_sweep.trial_id": trial.trial_id,
+            "lenet_sweep.attempt": len(attempts) + 1,
+        }
+        try:
+            with tracked_run(
+                experiment_id=self.context.experiment_id,
+                run_name=f"trial-{trial.trial_id}",
+                parent_run_id=self.context.parent_run_id,
+                nested=True,
+                tags=tags,
+            ):
+                cfg = self.hypermodel.config(hp)
+                mlflow.set_tag("model", cfg.model.name)
+                if hp.values.get("tuner/trial_id"):
+                    mlflow.set_tag("lenet_sweep.continues_trial", hp.values["tuner/trial_id"])
+                mlflow.log_params(trial_params(cfg, hp, self.hypermodel.values(hp)))
+                mlflow.log_text(config_yaml(cfg), CONFIG)  # the trial's config, as a hand-run `train` takes it
+                fit_started = time.perf_counter()
+                histories = super().run_trial(trial, *args, **kwargs)
+                fit_seconds = time.perf_counter() - fit_started
+                reason = diverged(histories)
+                self._log_results(trial, histories, started, fit_seconds)
+                if reason:
+                    mlflow.set_tag("failure_reason", reason)
+                    mlflow.end_run("FAILED")  # the `with` then leaves the ended run as it is
+        except (kt.errors.FailedTrialError, kt.errors.FatalError):
+            raise
+        except Exception as err:  # recorded FAILED by tracked_run; KerasTuner must not retry it
+            self.last_reason = one_line(f"{type(err).__name__}: {err}")
+            raise kt.errors.FailedTrialError(self.last_reason) from err
+        if reason:
+            self.last_reason = reason
+            raise kt.errors.FailedTrialError(reason)
+        return histories
+
+    def _log_results(self, trial, histories, started: float, fit_seconds: float) -> None:
+        # The first execution's rows (inherited epochs first), as its logger wrote them to history.csv.
+        self.histories[trial.trial_id] = self._fits[0].rows if self._fits else []
+        best = best_epoch_metrics(histories)
+        initial = int(trial.hyperparameters.values.get("tuner/initial_epoch", 0))
+        tracking = time.perf_counter() - started - fit_seconds + sum(f.logging_seconds for f in self._fits)
+        mlflow.log_metrics(
+            {f"best_{k}": v for k, v in best.items() if k != "best_epoch"}
+            | {
+                "best_epoch": best["best_epoch"],
+                "epochs_run": max(len(h.epoch) for h in histories),
+                "last_epoch": max(h.epoch[-1] + 1 if h.epoch else initial for h in histories),
+                "trial_seconds": time.perf_counter() - started,
+                "tracking_seconds": tracking,
+            }
+        )
+
+    def on_trial_end(self, trial):
+        super().on_trial_end(trial)
+        done = len(self.oracle.trials)
+        reason = self.last_reason or one_line((trial.message or "").strip())
+        self.last_reason = ""
+        self.failures_in_a_row = self.failures_in_a_row + 1 if trial.status == "FAILED" else 0
+        if self.context.print_fn:
+            self.context.print_fn(self._progress_line(trial, done, reason))
+        limit = self.context.time_limit_minutes
+        stop = ""
+        if limit is not None and time.perf_counter() - self.context.started > 60 * limit:
+            stop = f"sweep.time_limit_minutes={limit} reached: no new trial starts; rerun the same command to go on"
+        if self.failures_in_a_row >= self.context.max_consecutive_failures:
+            stop = (
+                f"{self.failures_in_a_row} trials in a row failed (tuner.max_consecutive_failed_trials), "
+                f"the last: {reason}. Fix the search space and rerun the same command to go on"
+            )
+        if stop and (self.oracle.max_trials is None or self.oracle.max_trials > done):
+            self.oracle.max_trials = done  # KerasTuner's own stop: the oracle creates no further trial
+            self.context.stopped_because = stop
+            if self.context.print_fn:
+                self.context.print_fn(stop)
+
+    def _progress_line(self, trial, done: int, reason: str) -> str:
+        total = f"/{self.oracle.max_trials}" if self.oracle.max_trials else ""
+        values = describe(
+            {
+                k: v
+                for k, v in trial.hyperparameters.values.items()
+                if trial.hyperparameters.is_active(k) and not k.startswith("tuner/") or k == "tuner/epochs"
+            }
+        )
+        best = self.oracle.get_best_trials(1)
+        best_score = f"{best[0].score:.4f}" if best and best[0].score is not None else "-"
+        outcome = f"{OBJECTIVE} {trial.score:.4f}" if trial.status == "COMPLETED" else f"{trial.status}: {reason}"
+        elapsed = clock(time.perf_counter() - self.context.started)
+        return f"trial {done}{total} [{trial.trial_id}] {outcome}  (best {best_score})  {values}  elapsed {elapsed}"
+
+
+class TrackedRandomSearch(TrialTracking, kt.RandomSearch):
+    """KerasTuner's random search, every trial an MLflow run."""
+
+
+class TrackedBayesianOptimization(TrialTracking, kt.BayesianOptimization):
+    """KerasTuner's Gaussian-process search, every trial an MLflow run."""
+
+
+class TrackedHyperband(TrialTracking, kt.Hyperband):
+    """KerasTuner's Hyperband (epochs are the budget), every trial an MLflow run."""
+
+
+def make_tuner(
+    t: DictConfig, hypermodel: TrialModel, context: SweepContext, directory: str, project: str, overwrite: bool
+) -> kt.Tuner:
+    """The tuner `t.kind` names (`t` is the config's `tuner` section), its state in `directory/project`."""
+    # KerasTuner's own failure limit raises out of the search with the trial half-saved; ours stops
+    # cleanly (TrialTracking.on_trial_end), so KerasTuner's is set out of reach.
+    common = dict(
+        hypermodel=hypermodel,
+        objective=kt.Objective(OBJECTIVE, "max"),
+        seed=t.seed,
+        executions_per_trial=t.executions_per_trial,
+        directory=directory,
+        project_name=project,
+        overwrite=overwrite,
+        max_consecutive_failed_trials=2**31,
+        context=context,
+    )
+    if t.kind == "random":
+        return TrackedRandomSearch(max_trials=t.max_trials, **common)
+    if t.kind == "bayesian":
+        return TrackedBayesianOptimization(
+            max_trials=t.max_trials, num_initial_points=t.num_initial_points, alpha=t.alpha, beta=t.beta, **common
+        )
+    tuner = TrackedHyperband(
+        max_epochs=t.max_epochs, factor=t.factor, hyperband_iterations=t.hyperband_iterations, **common
+    )
+    tuner.oracle.max_trials = t.max_trials  # Hyperband takes no max_trials; its oracle honours one
+    return tuner
+
+
+# ---- MLflow bookkeeping ------------------------------------------------------------------------
+
+
+def trial_params(cfg: DictConfig, hp: kt.HyperParameters, values: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's params: each dimension under its own name, KerasTuner's `tuner/*` values, and the
+    whole trial config under its config keys (model.filters, optimizer.learning_rate, ...)."""
+    resolved = loggable_config(cfg)
+    config = {k: resolved[k] for k in ("data", "model", "optimizer", "train", "seed")}
+    return flatten(config) | dict(values) | {k: v for k, v in hp.values.items() if k.startswith("tuner/")}
+
+
+def diverged(histories: list) -> str:
+    """Why a trial failed numerically ('' if it did not)."""
+    for history in histories:
+        losses = history.history.get("loss", [])
+        if any(not math.isfinite(v) for v in losses):
+            return (
+                f"loss became NaN/inf in epoch {history.epoch[len(losses) - 1] + 1}; training was "
+                "stopped (the learning rate is too high for this configuration)"
+            )
+    return ""
+
+
+def mark_cut_off_trials(client: MlflowClient, experiment_id: str, parent_run_id: str) -> int:
+    """End every child run still RUNNING (its process died) KILLED, with the reason; return how many."""
+    cut = [run for run in trial_runs(client, experiment_id, parent_run_id) if run.info.status == "RUNNING"]
+    for run in cut:
+        end_killed(
+            client,
+            run.info.run_id,
+            "cut off: the sweep stopped before this trial ended; a resumed sweep runs the trial again as a new attempt",
+        )
+    return len(cut)
+
+
+def trial_attempts(context: SweepContext, trial_id: str) -> list:
+    """The child runs of trial `trial_id` so far, oldest first."""
+    client = MlflowClient(mlflow.get_tracking_uri())
+    return [
+        run
+        for run in trial_runs(client, context.experiment_id, context.parent_run_id)
+        if run.data.tags.get("lenet_sweep.trial_id") == trial_id
+    ]
+
+
+def recorded_history(context: SweepContext, trial_id: str) -> list[dict[str, float]]:
+    """The per-epoch rows a trial logged (its `history.csv`, inherited epochs included); [] if none."""
+    finished = [run for run in trial_attempts(context, trial_id) if run.info.status == "FINISHED"]
+    if not finished:
+        return []
+    artifacts = Artifacts(MlflowClient(mlflow.get_tracking_uri()))
+    rows = artifacts.csv(finished[-1].info.run_id, "history.csv")
+    return [{k: float(v) for k, v in row.items() if k != "epoch" and v not in ("", None)} for row in rows]
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """`text` (an error message, maybe with colour codes and argument dumps) as one short line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    text = " ".join(line.strip() for line in text.split("Arguments received")[0].splitlines() if line.strip())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe(values: Mapping[str, Any]) -> str:
+    """Hyperparameter values as one short line: `dense_1=64 adam_learning_rate=0.000721`."""
+    return " ".join(f"{k}={f'{v:.3g}' if isinstance(v, float) else v}" for k, v in values.items())
