@@ -24,10 +24,10 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lenet_sweep import config as C
 from lenet_sweep import plots
 from lenet_sweep.cli import clock, guarded
 from lenet_sweep.config import HyperParameterSpec, check, register_configs
+from lenet_sweep.config import one_line as config_error
 from lenet_sweep.data import DataBySize
 from lenet_sweep.errors import UserError
 from lenet_sweep.tracking.runs import (
@@ -69,7 +69,7 @@ def typed_space(cfg: DictConfig) -> dict[str, Any]:
         try:
             space[name] = OmegaConf.merge(OmegaConf.structured(HyperParameterSpec), entry)
         except OmegaConfBaseException as err:
-            raise UserError(C.one_line(err, f"search.space.{name}")) from None
+            raise UserError(config_error(err, f"search.space.{name}")) from None
         if not space[name].key:
             raise UserError(f"search.space.{name}: `key` (the config key it sets) is missing")
     return space

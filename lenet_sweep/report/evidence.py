@@ -22,8 +22,6 @@ from lenet_sweep.tracking.artifacts import Artifacts
 # share held out for test, the same subset.
 SAME_DATA = ("data.root", "data.test_fraction", "data.limit_per_class")
 OBJECTIVE = "best_val_accuracy"  # a run's score: its best epoch's validation accuracy (never test)
-# OmegaConf's mark for a key that a config rebuilt from an older run's params does not hold.
-_MISSING = "???"
 
 
 @dataclass
@@ -62,7 +60,7 @@ class Run:
             if not isinstance(node, Mapping) or part not in node:
                 return self.param(key)
             node = node[part]
-        return self.param(key) if isinstance(node, str) and node == _MISSING else node
+        return node
 
 
 def budget_of(run: Run) -> int:

@@ -86,11 +86,12 @@ class Artifacts:
         return [by_epoch.get(epoch, {}) for epoch in range(1, last + 1)]
 
     def config(self, run) -> dict[str, Any]:
-        """A run's training config as a plain dict: its config.yaml, else rebuilt from its params."""
+        """A run's training config as a plain dict: its config.yaml, else rebuilt from its params (keys an
+        older run did not record are left out)."""
         logged = self.yaml(run.info.run_id, CONFIG)
         if logged is not None:
             return logged
-        return OmegaConf.to_container(config_from_params(run.data.params), enum_to_str=True)
+        return _present(OmegaConf.to_container(config_from_params(run.data.params), enum_to_str=True))
 
     def train_config(self, run) -> DictConfig:
         """A run's training config typed by the schema, ready to train again."""
@@ -101,6 +102,11 @@ class Artifacts:
                 f"run {run.info.run_id}'s recorded config does not fit this version of lenet_sweep: "
                 f"{str(err).splitlines()[0]}"
             ) from None
+
+
+def _present(tree: dict[str, Any]) -> dict[str, Any]:
+    """`tree` without OmegaConf's "???" (missing) values, at every depth."""
+    return {k: _present(v) if isinstance(v, dict) else v for k, v in tree.items() if v != "???"}
 
 
 def to_float(text: Optional[str]) -> float:

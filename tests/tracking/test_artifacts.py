@@ -59,6 +59,15 @@ def test_a_recorded_config_that_the_schema_refuses_is_a_clear_error(tiny_sweep, 
         Artifacts(client).train_config(client.get_run(run.info.run_id))
 
 
+def test_a_config_rebuilt_from_params_leaves_out_what_the_run_did_not_record(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())
+    run = client.create_run(exp)
+    client.log_param(run.info.run_id, "model.name", "lenet5")
+    rebuilt = Artifacts(client).config(client.get_run(run.info.run_id))
+    assert rebuilt["model"]["name"] == "lenet5" and "filters" not in rebuilt["model"] and rebuilt["mlflow"] == {}
+
+
 def test_a_history_reads_from_history_csv_else_from_per_epoch_metrics(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())
