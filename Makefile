@@ -8,7 +8,8 @@ TF_EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev
 DATA ?= $(wildcard ../shared/datasets/imagenette)
 ARGS ?=
 
-.PHONY: install browser lint fmt test sweep report ui reproduce bench clean
+.PHONY: install browser postgres lint fmt test sweep sweep-chief sweep-worker mlflow-server distributed-demo report ui \
+	reproduce bench clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +26,13 @@ browser:
 		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 		|| echo "Chromium could not be installed: the browser test will be skipped"
 
+# Debian's PostgreSQL server for the distributed tests (tests/test_distributed.py starts a private cluster of
+# it as the postgres user, on a free port, and removes it after). Where it cannot be installed, say so.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } \
+		|| echo "PostgreSQL could not be installed: the distributed tests will run on SQLite only"
+
 # ruff (configured in pyproject.toml): `make lint` checks only, `make fmt` rewrites.
 lint: install
 	$(VENV)/bin/ruff check .
@@ -34,12 +42,32 @@ fmt: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: install browser lint
+test: install browser postgres lint
 	$(PY) -m pytest -q $(ARGS)
 
 # The default sweep (conf/sweep.yaml): KerasTuner over conf/search/default.yaml, every trial in MLflow.
 sweep: install
 	$(PY) -m lenet_sweep.sweep $(if $(DATA),'data.root="$(DATA)"') $(ARGS)
+
+# Distributed sweeps (docs/DISTRIBUTED.md): one chief, any number of workers, one MLflow tracking server.
+# CHIEF is the chief's HOST:PORT (gRPC, plaintext: loopback or a private network); WORKER names a worker.
+CHIEF ?= 127.0.0.1:8000
+WORKER ?= $(shell hostname)-w0
+sweep-chief: install
+	$(PY) -m lenet_sweep.sweep sweep.role=chief sweep.chief=$(CHIEF) $(if $(DATA),'data.root="$(DATA)"') $(ARGS)
+
+sweep-worker: install
+	$(PY) -m lenet_sweep.sweep sweep.role=worker sweep.worker_id=$(WORKER) sweep.chief=$(CHIEF) \
+		$(if $(DATA),'data.root="$(DATA)"') $(ARGS)
+
+# MLflow's tracking server on 127.0.0.1:$(PORT) (5001): SQLite under mlruns/server/, or PostgreSQL when
+# MLFLOW_BACKEND_STORE_URI=postgresql+psycopg://USER@HOST:PORT/DB is set (conf/server.yaml).
+mlflow-server: install
+	$(PY) -m lenet_sweep.server $(ARGS)
+
+# A tracking server, a chief and 2 workers on 127.0.0.1 over DATA, then one line per check (conf/demo.yaml).
+distributed-demo: install
+	$(PY) -m lenet_sweep.demo $(if $(DATA),'data.root="$(DATA)"') $(ARGS)
 
 # The sweep report (conf/report.yaml) of the latest sweep in the store: reports/<sweep>/report.{md,html}.
 report: install

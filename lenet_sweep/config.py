@@ -57,6 +57,14 @@ class TunerKind(Choice):
     hyperband = "hyperband"
 
 
+class Role(Choice):
+    """What a sweep process does: all of it (local), serve the oracle (chief), or run trials (worker)."""
+
+    local = "local"
+    chief = "chief"
+    worker = "worker"
+
+
 class SpaceType(Choice):
     choice = "choice"
     int = "int"
@@ -318,6 +326,12 @@ class SweepSettings:
     early_stopping_patience: Optional[int] = knob(ge=1)
     time_limit_minutes: Optional[float] = knob(gt=0.0)
     top: int = knob(ge=0)
+    threads: Optional[int] = knob(ge=1)
+    role: Role = MISSING
+    chief: str = MISSING
+    worker_id: Optional[str] = MISSING
+    lease_seconds: float = knob(gt=0.0)
+    chief_wait_minutes: float = knob(gt=0.0)
 
 
 @dataclass
@@ -410,6 +424,46 @@ class UiSettings:
 
 
 @dataclass
+class ServerSettings:
+    host: str = MISSING
+    port: int = knob(ge=1, le=65535)
+    backend_store_uri: Optional[str] = MISSING
+    artifacts_destination: str = MISSING
+    app_name: Optional[str] = MISSING
+    workers: int = knob(ge=1)
+
+
+@dataclass
+class ServerConfig:
+    server: ServerSettings = field(default_factory=ServerSettings)
+
+
+@dataclass
+class DemoData:
+    root: Optional[str] = MISSING
+
+
+@dataclass
+class DemoSettings:
+    workers: int = knob(ge=1)
+    trials: int = knob(ge=1)
+    tuner: TunerKind = MISSING
+    limit_per_class: int = knob(ge=1)
+    threads: int = knob(ge=1)
+    timeout_minutes: float = knob(gt=0.0)
+    experiment: str = MISSING
+    dir: str = MISSING
+    backend_store_uri: Optional[str] = MISSING
+    sweep_overrides: List[str] = MISSING
+
+
+@dataclass
+class DemoConfig:
+    data: DemoData = field(default_factory=DemoData)
+    demo: DemoSettings = field(default_factory=DemoSettings)
+
+
+@dataclass
 class UiConfig:
     mlflow: StoreConfig = field(default_factory=StoreConfig)
     ui: UiSettings = field(default_factory=UiSettings)
@@ -423,6 +477,8 @@ SCHEMAS = {
     "best": BestConfig,
     "predict": PredictConfig,
     "ui": UiConfig,
+    "server": ServerConfig,
+    "demo": DemoConfig,
     "report": ReportConfig,
 }
 GROUP_SCHEMAS = {

@@ -24,12 +24,13 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lenet_sweep import plots
+from lenet_sweep import distributed, plots
 from lenet_sweep.cli import clock, guarded
 from lenet_sweep.config import HyperParameterSpec, check, register_configs
 from lenet_sweep.config import one_line as config_error
 from lenet_sweep.data import DataBySize
 from lenet_sweep.errors import UserError
+from lenet_sweep.tracking.artifacts import Artifacts
 from lenet_sweep.tracking.runs import (
     csv_text,
     end_killed,
@@ -39,14 +40,18 @@ from lenet_sweep.tracking.runs import (
     loggable_config,
     tracked_run,
 )
-from lenet_sweep.tracking.store import find_sweep_run, latest_attempts, number, open_store
+from lenet_sweep.tracking.store import find_sweep_run, latest_attempts, number, open_store, redact, trial_runs
 from lenet_sweep.tuner import (
+    StopPolicy,
     SweepContext,
     TrialModel,
     describe,
     make_tuner,
     mark_cut_off_trials,
     one_line,
+    progress_line,
+    stop_search,
+    trial_attempts,
 )
 
 Progress = Callable[[str], None]
@@ -242,6 +247,16 @@ def check_state(cfg: DictConfig) -> tuple[Path, bool]:
     state = project / STATE_FILE
     if cfg.sweep.overwrite or not (project / "oracle.json").exists():
         return project, False
+    role = "chief" if str(cfg.sweep.role) == "chief" else "local"
+    other = "local" if role == "chief" else "chief"
+    mine, theirs = (project / f"{'chief' if r == 'chief' else 'tuner0'}.json" for r in (role, other))
+    if theirs.exists() and not mine.exists():
+        # KerasTuner reloads the oracle only through this role's own tuner file: without it, it would
+        # start an empty oracle and save it over the sweep's.
+        raise UserError(
+            f"sweep {cfg.sweep.name!r} in {project} was run with sweep.role={other}: resume it with "
+            f"sweep.role={other}, or choose a new sweep.name"
+        )
     if state.exists():
         saved = json.loads(state.read_text())
         now = json.loads(json.dumps(state_fingerprint(cfg)))
@@ -275,18 +290,56 @@ class SweepResult:
 def run_sweep(
     cfg: DictConfig, optimizers: Mapping[str, DictConfig], print_fn: Optional[Progress] = None
 ) -> SweepResult:
-    """Run (or resume) the sweep `cfg` describes and log it to MLflow; return its ranking."""
+    """Run (or resume) the sweep `cfg` describes and log it to MLflow; return its ranking.
+
+    `sweep.role` local runs it all here; chief serves the oracle to workers and owns the parent run, the
+    stop policy and the ranking; worker runs trials for a chief (distributed.py, docs/DISTRIBUTED.md).
+    """
     import tensorflow as tf
 
     check(cfg)  # the schema's ranges; tuner.seed >= 1 because KerasTuner reads 0 as "unseeded"
+    distributed.check_role(cfg.sweep)
+    role = str(cfg.sweep.role)
+    if cfg.sweep.threads:  # before TensorFlow runs its first op
+        tf.config.threading.set_intra_op_parallelism_threads(cfg.sweep.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(cfg.sweep.threads)
     space = active_space(cfg, optimizers)
-    project, resumed = check_state(cfg)
+    project, resumed = (state_dir(cfg), False) if role == "worker" else check_state(cfg)
+    # A chief takes its port first: a second chief is refused before it touches the state or MLflow.
+    server = distributed.bind(*distributed.address(cfg.sweep.chief)) if role == "chief" else None
     if cfg.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     data = DataBySize(cfg.data, cfg.seed, print_fn)
     first = data.at(cfg.model.input_size)  # fails on bad data before anything is recorded
     experiment = open_store(cfg.mlflow)
     client = MlflowClient(mlflow.get_tracking_uri())
+    started = time.perf_counter()
+    context = SweepContext(
+        experiment,
+        "",
+        cfg.sweep.name,
+        print_fn,
+        started,
+        cfg.sweep.time_limit_minutes,
+        cfg.tuner.max_consecutive_failed_trials,
+        worker_id=cfg.sweep.worker_id if role == "worker" else "",
+        lease_seconds=cfg.sweep.lease_seconds,
+    )
+    hypermodel = trial_model(cfg, space, optimizers, data, len(first.splits.classes))
+    with distributed.kerastuner_role(role, cfg.sweep.chief, cfg.sweep.worker_id):
+        try:  # KerasTuner checks the space as it builds the first model; with overwrite it clears the state
+            tuner = make_tuner(cfg.tuner, hypermodel, context, str(project.parent), cfg.sweep.name, cfg.sweep.overwrite)
+        except (ValueError, TypeError) as err:
+            raise UserError(f"KerasTuner refuses search={cfg.search.name}: {one_line(str(err))}") from None
+        if role == "worker":
+            fingerprint = worker_fingerprint(cfg, first)
+            return work(cfg, tuner, context, client, fingerprint, space, print_fn)
+        return _lead(cfg, tuner, context, client, project, resumed, space, first, server, print_fn)
+
+
+def _lead(cfg, tuner, context, client, project, resumed, space, first, server, print_fn) -> SweepResult:
+    """The sweep's parent run around the search: here (local), or served to workers (chief)."""
+    experiment, role = context.experiment_id, str(cfg.sweep.role)
     latest = find_sweep_run(client, experiment, cfg.sweep.name, project)
     previous = latest if resumed else None
     if latest is not None and previous is None and latest.info.status == "RUNNING":
@@ -297,21 +350,6 @@ def run_sweep(
             latest.info.run_id,
             "cut off, then started afresh (sweep.overwrite=true or its state folder was gone)",
         )
-    started = time.perf_counter()
-    context = SweepContext(
-        experiment,
-        "",
-        cfg.sweep.name,
-        print_fn,
-        started,
-        cfg.sweep.time_limit_minutes,
-        cfg.tuner.max_consecutive_failed_trials,
-    )
-    hypermodel = trial_model(cfg, space, optimizers, data, len(first.splits.classes))
-    try:  # KerasTuner checks the space as it builds the first model; with overwrite it clears the state
-        tuner = make_tuner(cfg.tuner, hypermodel, context, str(project.parent), cfg.sweep.name, cfg.sweep.overwrite)
-    except (ValueError, TypeError) as err:
-        raise UserError(f"KerasTuner refuses search={cfg.search.name}: {one_line(str(err))}") from None
     with tracked_run(
         experiment_id=experiment,
         run_id=previous.info.run_id if previous else None,
@@ -319,13 +357,15 @@ def run_sweep(
         tags={
             "lenet_sweep.kind": "sweep",
             "lenet_sweep.sweep": cfg.sweep.name,
+            "lenet_sweep.role": role,
             "tuner": cfg.tuner.kind,
             "search": cfg.search.name,
         },
     ) as parent:
         parent_id = context.parent_run_id = parent.info.run_id
         if previous:
-            mark_cut_off_trials(client, experiment, parent_id)
+            if role == "local":  # a chief's running trials belong to live workers: leases end the dead ones'
+                mark_cut_off_trials(client, experiment, parent_id)
             for tag in ("failure_reason", "stopped_because"):  # from the session this one continues
                 if tag in previous.data.tags:
                     client.delete_tag(parent_id, tag)
@@ -336,13 +376,150 @@ def run_sweep(
             log_data_check(first, cfg.train.sample_grid, cfg.seed)  # for the report's data check
         project.mkdir(parents=True, exist_ok=True)  # KerasTuner creates it at its first save
         (project / STATE_FILE).write_text(json.dumps(state_fingerprint(cfg), indent=1))
-        tuner.search(verbose=0)
-        seconds = time.perf_counter() - started
+        chief_seconds = 0.0
+        if role == "chief":
+            mlflow.log_dict(worker_fingerprint(cfg, first), FINGERPRINT)  # what every worker must match
+            chief_seconds = serve(cfg, tuner, context, client, project, resumed, server)
+        else:
+            tuner.search(verbose=0)
+        seconds = time.perf_counter() - context.started
         rows = summarise(client, experiment, parent_id, space, cfg.tuner.kind)
         _log_summary(rows, space, seconds)
+        if role == "chief":
+            mlflow.log_metric("chief_seconds_per_trial", chief_seconds / max(len(rows), 1))
         if context.stopped_because:
             mlflow.set_tag("stopped_because", context.stopped_because)
     return SweepResult(parent_id, rows, seconds, bool(previous), context.stopped_because)
+
+
+# ---- distributed: chief and worker -------------------------------------------------------------
+
+FINGERPRINT = "sweep/fingerprint.json"  # on the parent run: the config every worker must share
+
+
+def worker_fingerprint(cfg: DictConfig, first: Any) -> dict[str, Any]:
+    """What a worker must share with its chief: the sweep's config (`state_fingerprint`) but for where
+    the data lies on each machine, plus the classes and file counts that data gives."""
+    local = ("data.root", "data.cache_dir")
+    shared = {k: v for k, v in state_fingerprint(cfg).items() if k not in local}
+    shared["data.classes"] = list(first.splits.classes)
+    shared["data.files"] = {split: len(files.paths) for split, files in first.splits.files.items()}
+    return json.loads(json.dumps(shared))
+
+
+def serve(
+    cfg: DictConfig,
+    tuner: kt.Tuner,
+    context: SweepContext,
+    client: MlflowClient,
+    project: Path,
+    resumed: bool,
+    server: Any,
+) -> float:
+    """The chief: serve the oracle on `server` (bound) until every trial is in; return the seconds spent
+    answering workers."""
+    oracle = tuner.oracle
+    leases = distributed.Leases(cfg.sweep.lease_seconds)
+    policy = StopPolicy(context.started, context.time_limit_minutes, context.max_consecutive_failures)
+    say = context.print_fn or (lambda _text: None)
+    if resumed:  # before anything saves over oracle.json, which still holds who was running what
+        back = distributed.restore_ongoing(oracle, project / "oracle.json", leases)
+        if back:
+            say("trials still out with their workers: " + ", ".join(f"{t} on {w}" for w, t in back.items()))
+    oracle.verbose = 0  # KerasTuner's own trial display: ours is one line per trial
+    tuner.save()  # as KerasTuner's own chief does before it serves
+
+    def ended(trial, worker: str) -> None:
+        reason = ""
+        if trial.status != "COMPLETED":  # the Trial proto carries no message: the reason is in MLflow
+            runs = [r for r in trial_attempts(context, trial.trial_id) if r.info.status == "FAILED"]
+            reason = runs[-1].data.tags.get("failure_reason", "") if runs else f"see worker {worker}'s output"
+        say(progress_line(oracle, trial, reason, context.started, worker))
+        stop = policy.after(trial.status, reason)
+        if stop and stop_search(oracle, stop):
+            context.stopped_because = stop
+            say(stop)
+
+    def lapsed(worker: str, trial_id: str) -> None:
+        why = (
+            f"cut off: worker {worker} sent no heartbeat for {cfg.sweep.lease_seconds:g} s "
+            f"(sweep.lease_seconds); trial {trial_id} went back to the queue for another worker"
+        )
+        for run in trial_attempts(context, trial_id):
+            if run.info.status == "RUNNING" and run.data.tags.get("lenet_sweep.worker") == worker:
+                end_killed(client, run.info.run_id, why)
+        say(f"trial {trial_id}: {why}")
+
+    servicer = distributed.ChiefServicer(oracle, leases, ended, say)
+    if resumed:
+        servicer.not_before = time.monotonic() + cfg.sweep.lease_seconds
+    if oracle.max_trials and len(oracle.trials) >= oracle.max_trials and not oracle.ongoing_trials:
+        servicer.stop_triggered = not oracle._retry_queue  # restarted after the last trial: nothing to wait for
+    say(f"chief of sweep {cfg.sweep.name!r} serving KerasTuner's oracle on {cfg.sweep.chief} (plaintext, no login)")
+    distributed.serve(server, servicer, lapsed)
+    return servicer.busy_seconds
+
+
+def work(cfg, tuner, context, client, fingerprint, space, print_fn) -> SweepResult:
+    """A worker: find the chief and its parent run, check this config against the chief's, run trials
+    until the chief says the search is over. Trials attach to the chief's parent run."""
+    import grpc
+
+    worker, chief = cfg.sweep.worker_id, cfg.sweep.chief
+    say = print_fn or (lambda _text: None)
+    oracle = distributed.WorkerOracle(
+        tuner.oracle._oracle, chief, worker, 60 * cfg.sweep.chief_wait_minutes, cfg.sweep.lease_seconds
+    )
+    tuner.oracle = oracle
+    say(f"worker {worker}: waiting for the chief at {chief} (up to {cfg.sweep.chief_wait_minutes:g} min)")
+    try:
+        oracle.get_space()
+    except grpc.RpcError as err:
+        raise UserError(
+            f"no chief answered at {chief} within sweep.chief_wait_minutes={cfg.sweep.chief_wait_minutes:g} "
+            f"({err.code().name}): start it (make sweep-chief) or give its sweep.chief=HOST:PORT"
+        ) from None
+    parent = find_sweep_run(client, context.experiment_id, cfg.sweep.name)
+    if parent is None or parent.info.status != "RUNNING" or parent.data.tags.get("lenet_sweep.role") != "chief":
+        raise UserError(
+            f"the chief at {chief} answers, but MLflow ({redact(mlflow.get_tracking_uri())}, experiment "
+            f"{cfg.mlflow.experiment!r}) has no running chief's sweep {cfg.sweep.name!r}: give the chief's "
+            "mlflow.tracking_uri, mlflow.experiment and sweep.name"
+        )
+    theirs = Artifacts(client).json(parent.info.run_id, FINGERPRINT) or {}
+    changed = [k for k in sorted(set(theirs) | set(fingerprint)) if theirs.get(k) != fingerprint.get(k)]
+    if changed:
+        shown = "; ".join(f"{k}: chief {theirs.get(k)!r}, this worker {fingerprint.get(k)!r}" for k in changed[:3])
+        raise UserError(
+            f"worker {worker} is refused: its config differs from the chief's ({shown}"
+            f"{' ...' if len(changed) > 3 else ''}); start it with the chief's settings"
+        )
+    project = state_dir(cfg)
+    if cfg.tuner.kind == "hyperband" and not (project / STATE_FILE).exists():
+        raise UserError(
+            f"tuner=hyperband: a worker continues trials from checkpoints other workers wrote, so it needs "
+            f"the chief's sweep.dir, and {project} has none of the chief's state ({STATE_FILE}): mount the "
+            "shared folder (NFS, gs://) and give its path as sweep.dir"
+        )
+    context.parent_run_id = parent.info.run_id
+    for run in trial_runs(client, context.experiment_id, parent.info.run_id):
+        if run.info.status == "RUNNING" and run.data.tags.get("lenet_sweep.worker") == worker:
+            end_killed(client, run.info.run_id, f"cut off: worker {worker} restarted; the trial runs again")
+    say(f"worker {worker}: joined sweep {cfg.sweep.name!r} (MLflow parent run {parent.info.run_id})")
+    while True:
+        try:
+            tuner.search(verbose=0)
+            break
+        except grpc.RpcError as err:  # the chief went away mid-call (restarting): ask again
+            if err.code() != grpc.StatusCode.UNAVAILABLE:
+                why = f"{err.code().name}: {err.details()}"
+                raise UserError(f"the chief at {chief} stopped answering ({why})") from None
+            say(f"worker {worker}: lost the chief at {chief} ({err.details()}); reconnecting")
+            time.sleep(2)
+    seconds = time.perf_counter() - context.started
+    say(f"worker {worker}: the chief says the search is over ({tuner.trials_ended} trials ended here)")
+    rows = summarise(client, context.experiment_id, parent.info.run_id, space, cfg.tuner.kind)
+    return SweepResult(parent.info.run_id, rows, seconds, False)
 
 
 def _log_sweep_inputs(cfg: DictConfig, space: Mapping[str, Any], project: Path) -> None:
@@ -473,6 +650,8 @@ def run(cfg: DictConfig, overrides: list[str]) -> SweepResult:
     # Each trial builds new models and so new tf.functions: TensorFlow's retracing warning is expected.
     tf.get_logger().setLevel("ERROR")
     result = run_sweep(cfg, compose_optimizers(cfg, overrides), print)
+    if str(cfg.sweep.role) == "worker":  # the chief prints the sweep's ranking
+        return result
     finished = [r for r in result.rows if r["status"] == "FINISHED"]
     print(
         f"sweep {cfg.sweep.name!r}: {len(result.rows)} trials ({len(finished)} finished) in "

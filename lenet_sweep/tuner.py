@@ -26,6 +26,7 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
+from lenet_sweep import distributed
 from lenet_sweep import trial as T
 from lenet_sweep.cli import clock
 from lenet_sweep.data import DataBySize
@@ -91,7 +92,8 @@ class TrialModel(kt.HyperModel):
 
 @dataclass
 class SweepContext:
-    """Where the tuners record: the MLflow experiment and parent run, and who prints progress."""
+    """Where the tuners record: the MLflow experiment and parent run, and who prints progress; on a
+    distributed worker, its id and lease (distributed.py)."""
 
     experiment_id: str
     parent_run_id: str
@@ -101,6 +103,42 @@ class SweepContext:
     time_limit_minutes: Optional[float] = None
     max_consecutive_failures: int = 3
     stopped_because: str = ""
+    worker_id: str = ""  # "" unless this process is a distributed worker
+    lease_seconds: float = 120.0
+
+
+@dataclass
+class StopPolicy:
+    """When a sweep stops before its tuner is done: the time limit, or failures in a row. Applied where the
+    oracle lives: by the local tuner, or by the chief for every worker."""
+
+    started: float
+    time_limit_minutes: Optional[float]
+    max_consecutive_failures: int
+    failures_in_a_row: int = 0
+
+    def after(self, status: str, reason: str) -> str:
+        """Why no new trial should start after a trial that ended `status` ('' to go on)."""
+        self.failures_in_a_row = self.failures_in_a_row + 1 if status == "FAILED" else 0
+        limit = self.time_limit_minutes
+        if self.failures_in_a_row >= self.max_consecutive_failures:
+            return (
+                f"{self.failures_in_a_row} trials in a row failed (tuner.max_consecutive_failed_trials), "
+                f"the last: {reason}. Fix the search space and rerun the same command to go on"
+            )
+        if limit is not None and time.perf_counter() - self.started > 60 * limit:
+            return f"sweep.time_limit_minutes={limit} reached: no new trial starts; rerun the same command to go on"
+        return ""
+
+
+def stop_search(oracle, why: str) -> bool:
+    """Lower the oracle's `max_trials` to the trials it has: KerasTuner's own stop (no new trial is
+    created; running ones finish). False if it was stopping already."""
+    done = len(oracle.trials)
+    if oracle.max_trials is not None and oracle.max_trials <= done:
+        return False
+    oracle.max_trials = done
+    return True
 
 
 def best_epoch_metrics(histories: list) -> dict[str, float]:
@@ -125,8 +163,11 @@ class TrialTracking:
         self.context = context
         self.histories: dict[str, list[dict]] = {}  # trial id -> rows, for Hyperband's promoted trials
         self.last_reason = ""
-        self.failures_in_a_row = 0
+        self.last_score = float("nan")  # the objective of the trial that ended last
+        self.policy = StopPolicy(context.started, context.time_limit_minutes, context.max_consecutive_failures)
+        self.trials_ended = 0  # by this process
         self._fits: list[T.Fitted] = []  # the trial's executions so far
+        self._beat: Optional[distributed.Heartbeat] = None  # a worker's, while its trial runs
         super().__init__(*args, **kwargs)
 
     def _build_and_fit_model(self, trial, *args, **kwargs):
@@ -154,11 +195,24 @@ class TrialTracking:
             artifacts=execution == 0,
             score=False,
         )
+        if self._beat is not None:
+            kwargs["callbacks"] = [*kwargs.get("callbacks", []), self._beat]
         results = super()._build_and_fit_model(trial, *args, **kwargs)
         self._fits.append(model.fitted)
         return results
 
     def run_trial(self, trial, *args, **kwargs):
+        if not isinstance(self.oracle, distributed.WorkerOracle):
+            return self._run_tracked(trial, *args, **kwargs)
+        # A worker beats from the trial's start (setup included) until it ends, however it ends.
+        self._beat = distributed.Heartbeat(self.oracle, trial.trial_id, self.context.lease_seconds).start()
+        try:
+            return self._run_tracked(trial, *args, **kwargs)
+        finally:
+            self._beat.stop()
+            self._beat = None
+
+    def _run_tracked(self, trial, *args, **kwargs):
         started = time.perf_counter()
         hp = trial.hyperparameters
         attempts = trial_attempts(self.context, trial.trial_id)
@@ -166,15 +220,21 @@ class TrialTracking:
         if recorded is not None:
             # Finished and logged, but the process ended before KerasTuner saved it: reuse, don't retrain.
             m = recorded.data.metrics
+            self.last_score = m.get(f"best_{OBJECTIVE}", float("nan"))
             return {k[len("best_") :]: v for k, v in m.items() if k.startswith("best_") and k != "best_epoch"}
         self._fits = []
         reason = ""
+        if self.context.worker_id and self.context.print_fn:
+            self.context.print_fn(
+                f"worker {self.context.worker_id}: trial [{trial.trial_id}] started  {trial_values(trial)}"
+            )
         tags = {
             "lenet_sweep.kind": "trial",
             "lenet_sweep.sweep": self.context.sweep_name,
             "lenet_sweep.trial_id": trial.trial_id,
             "lenet_sweep.attempt": len(attempts) + 1,
-        }
+        } | ({"lenet_sweep.worker": self.context.worker_id} if self.context.worker_id else {})
+        lost = ""
         try:
             with tracked_run(
                 experiment_id=self.context.experiment_id,
@@ -190,27 +250,38 @@ class TrialTracking:
                 mlflow.log_params(trial_params(cfg, hp, self.hypermodel.values(hp)))
                 mlflow.log_text(config_yaml(cfg), CONFIG)  # the trial's config, as a hand-run `train` takes it
                 fit_started = time.perf_counter()
-                histories = super().run_trial(trial, *args, **kwargs)
-                fit_seconds = time.perf_counter() - fit_started
-                reason = diverged(histories)
-                self._log_results(trial, histories, started, fit_seconds)
-                if reason:
-                    mlflow.set_tag("failure_reason", reason)
-                    mlflow.end_run("FAILED")  # the `with` then leaves the ended run as it is
+                try:
+                    histories = super().run_trial(trial, *args, **kwargs)
+                    if isinstance(self.oracle, distributed.WorkerOracle) and not self.oracle.holds(
+                        trial.trial_id, timeout=self.context.lease_seconds / 4, definite=True
+                    ):  # the lease ran out during the last epoch: the trial is another worker's now
+                        raise distributed.LeaseLost(f"trial {trial.trial_id}: the chief gave it to another worker")
+                except distributed.LeaseLost as err:
+                    lost = str(err)
+                    mlflow.set_tag("failure_reason", f"cut off: {lost}; its result is the other worker's")
+                    mlflow.end_run("KILLED")
+                else:
+                    fit_seconds = time.perf_counter() - fit_started
+                    reason = diverged(histories)
+                    self._log_results(trial, histories, started, fit_seconds)
+                    if reason:
+                        mlflow.set_tag("failure_reason", reason)
+                        mlflow.end_run("FAILED")  # the `with` then leaves the ended run as it is
         except (kt.errors.FailedTrialError, kt.errors.FatalError):
             raise
         except Exception as err:  # recorded FAILED by tracked_run; KerasTuner must not retry it
             self.last_reason = one_line(f"{type(err).__name__}: {err}")
             raise kt.errors.FailedTrialError(self.last_reason) from err
-        if reason:
-            self.last_reason = reason
-            raise kt.errors.FailedTrialError(reason)
+        if reason or lost:
+            self.last_reason = reason or lost  # a lost trial's end report is ignored by the chief
+            raise kt.errors.FailedTrialError(self.last_reason)
         return histories
 
     def _log_results(self, trial, histories, started: float, fit_seconds: float) -> None:
         # The first execution's rows (inherited epochs first), as its logger wrote them to history.csv.
         self.histories[trial.trial_id] = self._fits[0].rows if self._fits else []
         best = best_epoch_metrics(histories)
+        self.last_score = best.get(OBJECTIVE, float("nan"))
         initial = int(trial.hyperparameters.values.get("tuner/initial_epoch", 0))
         tracking = time.perf_counter() - started - fit_seconds + sum(f.logging_seconds for f in self._fits)
         mlflow.log_metrics(
@@ -226,41 +297,47 @@ class TrialTracking:
 
     def on_trial_end(self, trial):
         super().on_trial_end(trial)
-        done = len(self.oracle.trials)
+        self.trials_ended += 1
         reason = self.last_reason or one_line((trial.message or "").strip())
         self.last_reason = ""
-        self.failures_in_a_row = self.failures_in_a_row + 1 if trial.status == "FAILED" else 0
+        if self.context.worker_id:  # the chief keeps the count, the best score and the stop policy
+            if self.context.print_fn:
+                # The chief's EndTrial returns nothing, so this side's trial.score stays None: ours is kept.
+                done = trial.status == "COMPLETED"
+                outcome = f"{OBJECTIVE} {self.last_score:.4f}" if done else f"{trial.status}: {reason}"
+                self.context.print_fn(
+                    f"worker {self.context.worker_id}: trial [{trial.trial_id}] {outcome}  "
+                    f"{trial_values(trial)}  elapsed {clock(time.perf_counter() - self.context.started)}"
+                )
+            return
         if self.context.print_fn:
-            self.context.print_fn(self._progress_line(trial, done, reason))
-        limit = self.context.time_limit_minutes
-        stop = ""
-        if limit is not None and time.perf_counter() - self.context.started > 60 * limit:
-            stop = f"sweep.time_limit_minutes={limit} reached: no new trial starts; rerun the same command to go on"
-        if self.failures_in_a_row >= self.context.max_consecutive_failures:
-            stop = (
-                f"{self.failures_in_a_row} trials in a row failed (tuner.max_consecutive_failed_trials), "
-                f"the last: {reason}. Fix the search space and rerun the same command to go on"
-            )
-        if stop and (self.oracle.max_trials is None or self.oracle.max_trials > done):
-            self.oracle.max_trials = done  # KerasTuner's own stop: the oracle creates no further trial
+            self.context.print_fn(progress_line(self.oracle, trial, reason, self.context.started))
+        stop = self.policy.after(trial.status, reason)
+        if stop and stop_search(self.oracle, stop):
             self.context.stopped_because = stop
             if self.context.print_fn:
                 self.context.print_fn(stop)
 
-    def _progress_line(self, trial, done: int, reason: str) -> str:
-        total = f"/{self.oracle.max_trials}" if self.oracle.max_trials else ""
-        values = describe(
-            {
-                k: v
-                for k, v in trial.hyperparameters.values.items()
-                if trial.hyperparameters.is_active(k) and not k.startswith("tuner/") or k == "tuner/epochs"
-            }
-        )
-        best = self.oracle.get_best_trials(1)
-        best_score = f"{best[0].score:.4f}" if best and best[0].score is not None else "-"
-        outcome = f"{OBJECTIVE} {trial.score:.4f}" if trial.status == "COMPLETED" else f"{trial.status}: {reason}"
-        elapsed = clock(time.perf_counter() - self.context.started)
-        return f"trial {done}{total} [{trial.trial_id}] {outcome}  (best {best_score})  {values}  elapsed {elapsed}"
+
+def trial_values(trial) -> str:
+    """A trial's active hyperparameter values (and Hyperband's epochs) as one short line."""
+    hp = trial.hyperparameters
+    return describe(
+        {k: v for k, v in hp.values.items() if hp.is_active(k) and not k.startswith("tuner/") or k == "tuner/epochs"}
+    )
+
+
+def progress_line(oracle, trial, reason: str, started: float, worker: str = "") -> str:
+    """`trial 3/30 [02] val_accuracy 0.4100  (best 0.4400)  dense_1=64 ...  elapsed 1m02s` (on the oracle's side)."""
+    total = f"/{oracle.max_trials}" if oracle.max_trials else ""
+    best = oracle.get_best_trials(1)
+    best_score = f"{best[0].score:.4f}" if best and best[0].score is not None else "-"
+    outcome = f"{OBJECTIVE} {trial.score:.4f}" if trial.status == "COMPLETED" else f"{trial.status}: {reason}"
+    by = f" on {worker}" if worker else ""
+    return (
+        f"trial {len(oracle.end_order)}{total} [{trial.trial_id}]{by} {outcome}  (best {best_score})  "
+        f"{trial_values(trial)}  elapsed {clock(time.perf_counter() - started)}"
+    )
 
 
 class TrackedRandomSearch(TrialTracking, kt.RandomSearch):

@@ -119,6 +119,8 @@ def tracked_run(**start_run_args):
 
     (MLflow's own context manager marks both FAILED and records no reason.)
     """
+    if start_run_args.get("tags"):  # a tracking server takes strings only (a local store converts)
+        start_run_args["tags"] = {k: str(v) for k, v in start_run_args["tags"].items()}
     with mlflow.start_run(**start_run_args) as run:
         try:
             yield run

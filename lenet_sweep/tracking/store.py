@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from lenet_sweep.errors import UserError
@@ -44,7 +45,14 @@ def experiment_id(client: MlflowClient, name: str, artifact_location: Optional[s
                 f"(mlflow experiments restore) or choose another mlflow.experiment"
             )
         return found.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location)
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException:
+        # Another process (a distributed sweep's chief or worker) created it between the two calls.
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
 
 
 def redact(uri: Optional[str]) -> Optional[str]:

@@ -62,3 +62,23 @@ def test_the_latest_sweep_is_the_one_started_last(tmp_path):
 def test_params_read_back_as_the_values_they_were_logged_from():
     assert [store.number(t) for t in ("3", "0.25", "True", "relu", None)] == [3, 0.25, True, "relu", None]
     assert store.quote("it's a\\b") == "it\\'s a\\\\b"
+
+
+def test_an_experiment_created_by_another_process_meanwhile_is_used_not_an_error():
+    from types import SimpleNamespace
+
+    from mlflow.exceptions import MlflowException
+
+    from lenet_sweep.tracking.store import experiment_id
+
+    class Client:  # a worker and its chief both saw no experiment, and the chief created it first
+        looked = 0
+
+        def get_experiment_by_name(self, name):
+            self.looked += 1
+            return None if self.looked == 1 else SimpleNamespace(experiment_id="7", lifecycle_stage="active")
+
+        def create_experiment(self, name, artifact_location=None):
+            raise MlflowException(f"Experiment(name={name}) already exists.")
+
+    assert experiment_id(Client(), "shared", None) == "7"
