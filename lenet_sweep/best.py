@@ -11,6 +11,8 @@ are kept).
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,14 +29,14 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from lenet_sweep import cli, export
+from lenet_sweep import cli, export, serving
 from lenet_sweep import data as D
 from lenet_sweep.cli import clock
 from lenet_sweep.config import check, register_configs
 from lenet_sweep.data import DataBySize, PreparedData, prepare_data
 from lenet_sweep.errors import UserError
 from lenet_sweep.tracking import store
-from lenet_sweep.tracking.artifacts import Artifacts
+from lenet_sweep.tracking.artifacts import Artifacts, no_scored_trial
 from lenet_sweep.tracking.runs import (
     config_yaml,
     csv_text,
@@ -83,14 +85,11 @@ def candidates(client: MlflowClient, experiment_id: str, parent, top_k: int) -> 
     finished = [
         (trial_id, run)
         for trial_id, run in latest.items()
-        if run.info.status == "FINISHED" and f"best_{OBJECTIVE}" in run.data.metrics
+        # NaN: no epoch had a validation score, so the trial cannot be ranked
+        if run.info.status == "FINISHED" and np.isfinite(run.data.metrics.get(f"best_{OBJECTIVE}", np.nan))
     ]
     if not finished:
-        name = parent.data.tags.get("lenet_sweep.sweep")
-        raise UserError(
-            f"sweep {name!r} (MLflow run {parent.info.run_id}) has no finished trial "
-            f"({len(latest)} trial(s) recorded): run or resume the sweep first"
-        )
+        raise UserError(no_scored_trial(parent, [run.info.status for run in latest.values()]))
     finished.sort(key=lambda item: (-item[1].data.metrics[f"best_{OBJECTIVE}"], item[0]))
     artifacts = Artifacts(client)
     chosen: list[Candidate] = []
@@ -215,7 +214,9 @@ def kept(candidate: Candidate, seed: int, run) -> Retraining:
 
 
 def reusable(client: MlflowClient, experiment_id: str, best_run_id: str) -> dict[tuple[str, int], Any]:
-    """Finished retrainings of a cut-off `best` run, by (trial id, seed); runs left RUNNING end KILLED."""
+    """Finished retrainings of a cut-off `best` run, by (trial id, seed). Runs left RUNNING, and finished
+    ones that lack what keeping them needs (an older version's, a damaged store's), end KILLED: the resumed
+    `best` trains them again, and the report does not count them beside their replacements."""
     done = {}
     for run in store.trial_runs(client, experiment_id, best_run_id):
         if run.info.status == "RUNNING":
@@ -224,16 +225,44 @@ def reusable(client: MlflowClient, experiment_id: str, best_run_id: str) -> dict
                 run.info.run_id,
                 "cut off: `best` stopped before this retraining ended; the resumed `best` trains it again",
             )
-        elif run.info.status == "FINISHED" and "best_val_accuracy" in run.data.metrics:
-            done[(run.data.tags["lenet_sweep.trial_id"], int(run.data.tags["lenet_sweep.seed"]))] = run
+        elif run.info.status == "FINISHED":
+            lacks = _lacks(client, run)
+            if lacks:
+                end_killed(client, run.info.run_id, f"no {lacks} recorded: the resumed `best` trains it again")
+            else:
+                done[(run.data.tags["lenet_sweep.trial_id"], int(run.data.tags["lenet_sweep.seed"]))] = run
     return done
+
+
+def _lacks(client: MlflowClient, run) -> str:
+    """What a finished retraining lacks to be kept ('' if nothing): its score, best epoch, trial and seed
+    tags, and the model files `load_run_model` reads."""
+    m, tags = run.data.metrics, run.data.tags
+    missing = [k for k in ("best_val_accuracy", "best_epoch") if not np.isfinite(m.get(k, np.nan))]
+    missing += [k for k in ("lenet_sweep.trial_id", "lenet_sweep.seed") if k not in tags]
+    if "lenet_sweep.seed" in tags and not tags["lenet_sweep.seed"].isdigit():
+        missing.append("lenet_sweep.seed (a number)")
+    try:
+        files = {f.path for f in client.list_artifacts(run.info.run_id, "model")}
+    except Exception:  # noqa: BLE001  a store that cannot list them: the model cannot be read either
+        files = set()
+    missing += [
+        f"model/{name}" for name in (export.MODEL, export.LABELS, export.PREPROCESSING) if f"model/{name}" not in files
+    ]
+    return ", ".join(missing)
 
 
 def load_run_model(client: MlflowClient, run_id: str) -> keras.Model:
     """A retraining's model from its MLflow run, loaded without running code from it."""
     with tempfile.TemporaryDirectory() as tmp:
-        local = client.download_artifacts(run_id, "model", tmp)
-        return export.load(local).model
+        try:
+            return export.load(client.download_artifacts(run_id, "model", tmp)).model
+        except Exception as err:  # noqa: BLE001  absent or damaged: the run must be trained again
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(
+                f"the model of retraining run {run_id} cannot be read ({reason}): if it is gone or damaged, "
+                f"delete that run (mlflow runs delete --run-id {run_id}) and rerun best, which trains it again"
+            ) from None
 
 
 # ---- the choice --------------------------------------------------------------------------------
@@ -458,7 +487,7 @@ def run_best(cfg: DictConfig, overridden: Sequence[str] = (), print_fn: Optional
         say(f"exported to {target}")
         version = previous.data.tags.get("lenet_sweep.registered_version") if previous else None
         if version is None:  # (a resumed run that registered already does not register twice)
-            version = register(cfg, model, prep, best_id, winner, test_accuracy)
+            version = register(cfg, target, best_id, winner, test_accuracy)
             if version:
                 mlflow.set_tag("lenet_sweep.registered_version", version)
         if version:
@@ -546,25 +575,20 @@ def _log_predictions(scores: np.ndarray, split: D.DecodedSplit, classes: Sequenc
 
 def _requirements() -> list[str]:
     """The winner's serving requirements: the versions it was trained with (MLflow would otherwise infer
-    them by loading the model in a subprocess)."""
-    versions = package_versions()
-    served = ("tensorflow-cpu", "tensorflow", "keras", "mlflow", "numpy", "pillow")
+    them by loading the model in a subprocess). lenet_sweep itself, whose serving module runs the model,
+    is not listed: it is not on PyPI, and a package of that name from an index would be someone else's
+    code; serve from an environment that has it installed (`--env-manager local`)."""
+    versions = package_versions() | {"pandas": importlib.metadata.version("pandas")}  # pandas: the answers
+    served = ("tensorflow-cpu", "tensorflow", "keras", "mlflow", "numpy", "pillow", "pandas")
     return [f"{name}=={versions[name]}" for name in served if name in versions]
 
 
-def register(
-    cfg: DictConfig, model: keras.Model, prep: dict[str, Any], best_run_id: str, winner: Summary, test_accuracy: float
-) -> Optional[str]:
-    """Log the winner as an MLflow Keras model (pyfunc-loadable, servable) and register a new version."""
-    from mlflow.models import infer_signature
-
-    size = prep["input_size"]
-    example = np.zeros((1, size, size, 3), np.float32)
-    signature = infer_signature(example, model.predict(example, verbose=0))
+def register(cfg: DictConfig, folder: Path, best_run_id: str, winner: Summary, test_accuracy: float) -> Optional[str]:
+    """Log the export in `folder` as an MLflow pyfunc model (lenet_sweep.serving: image files or pixels in;
+    nothing in the artifact runs as code) and register a new version."""
     name = cfg.export.registered_model
-    info = mlflow.keras.log_model(
-        model, name="model", signature=signature, registered_model_name=name, pip_requirements=_requirements()
-    )
+    info = serving.log_model(folder, name, _requirements(), max_pixels=cfg.data.max_pixels)
+    size = json.loads((folder / export.PREPROCESSING).read_text())["input_size"]
     if not name:
         return None
     version = str(info.registered_model_version)
@@ -576,7 +600,8 @@ def register(
         "val_accuracy_std": f"{winner.std:.4f}",
         "test_accuracy": f"{test_accuracy:.4f}",
         "best_run_id": best_run_id,
-        "input": f"float32 RGB (N, {size}, {size}, 3) in [0, 1]",
+        "input": f"image files (bytes, or base64 strings in JSON) in a column {serving.IMAGE!r}, "
+        f"or float32 RGB pixels (N, {size}, {size}, 3) in [0, 1]",
     }.items():
         client.set_model_version_tag(name, version, key, value)
     if cfg.export.alias:
@@ -683,7 +708,8 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="best")
 def main(cfg: DictConfig) -> None:
-    cli.guarded(lambda: run(cfg, list(HydraConfig.get().overrides.task)))
+    overrides = list(HydraConfig.get().overrides.task)
+    cli.guarded(lambda: store.exclusively(cfg.mlflow, lambda: run(cfg, overrides)))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-from lenet_sweep.errors import UserError
+from lenet_sweep.errors import UserError, place_message
 
 T = TypeVar("T")
 
@@ -17,10 +17,11 @@ def _interrupt(signum, frame):
 
 
 def guarded(work: Callable[[], T]) -> T:
-    """Run `work`; turn a UserError into a one-line message and SIGTERM into Ctrl-C.
+    """Run `work`; turn a UserError, or a write to a full or unwritable place, into a one-line message
+    naming it, and SIGTERM into Ctrl-C.
 
-    Both exit non-zero. An interrupt unwinds through `tracking.tracked_run`, which ends the
-    MLflow runs KILLED instead of leaving them RUNNING.
+    All exit non-zero. An error or interrupt unwinds through `tracking.tracked_run` first, which ends
+    the MLflow runs FAILED (with the reason) or KILLED instead of leaving them RUNNING.
     """
     signal.signal(signal.SIGTERM, _interrupt)
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach logs and pipes as they happen
@@ -28,6 +29,13 @@ def guarded(work: Callable[[], T]) -> T:
         return work()
     except UserError as err:
         sys.exit(f"error: {err}")
+    except Exception as err:
+        # A full disk or read-only folder is the user's to fix, like a UserError; any other error is a
+        # bug, and its traceback is what the bug report needs.
+        line = place_message(err)
+        if line is None:
+            raise
+        sys.exit(f"error: {line}")
     except KeyboardInterrupt:
         sys.exit("interrupted: the MLflow run(s) in progress are marked KILLED; what was logged is kept")
 

@@ -111,6 +111,9 @@ class DataConfig:
     antialias: bool = MISSING
     decode_threads: int = knob(ge=1)
     decode_cache: Optional[str] = MISSING
+    # Added after runs were recorded: older config.yaml files lack them and read back as no limit, as they ran.
+    max_pixels: Optional[int] = knob(ge=1, default=None)
+    max_file_mb: Optional[float] = knob(gt=0.0, default=None)
     class_names: Dict[str, str] = MISSING
 
 
@@ -174,6 +177,9 @@ class TrainLoopConfig:
     deterministic: bool = MISSING
     keras_verbose: str = knob(choices=("auto", "0", "1", "2"))
     sample_grid: int = knob(ge=1)
+    # Added after runs were recorded: older config.yaml files lack them and read back with these values.
+    resume: bool = False
+    backup_dir: str = "mlruns/backups"
 
 
 @dataclass
@@ -376,6 +382,8 @@ class PredictSettings:
     top_k: int = knob(ge=1)
     output: Optional[str] = MISSING
     batch_size: int = knob(ge=1)
+    max_pixels: Optional[int] = knob(ge=1)
+    max_file_mb: Optional[float] = knob(gt=0.0)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ import keras
 import numpy as np
 
 from lenet_sweep import data as D
-from lenet_sweep.errors import UserError
+from lenet_sweep.errors import UserError, place_errno, unwritable
 
 MODEL, SAVED_MODEL, LABELS, PREPROCESSING, CONFIG, CARD = (
     "model.keras",
@@ -66,8 +67,14 @@ def check_target(folder: str | os.PathLike | None, overwrite: bool) -> Path:
     if not folder:
         raise UserError("export.dir is not set: give export.dir=DIR, a new or empty folder for the model")
     target = Path(folder).expanduser().resolve()
+    _clean_up_after_a_kill(target)
     if target.exists() and not target.is_dir():
         raise UserError(f"export.dir={str(target)!r} is a file: give a folder")
+    if os.path.ismount(target):
+        raise UserError(
+            f"export.dir={str(target)!r} is a mount point, and an export is built beside its folder and "
+            f"renamed into place: give a folder inside it (export.dir={str(target / 'model')!r})"
+        )
     if target.is_dir() and any(target.iterdir()):
         others = sorted(p.name for p in target.iterdir() if p.name not in TOP_LEVEL)
         if others or not (target / MODEL).is_file():
@@ -81,14 +88,74 @@ def check_target(folder: str | os.PathLike | None, overwrite: bool) -> Path:
                 f"export.dir={str(target)!r} already holds an export: give export.overwrite=true "
                 "to replace it, or choose another folder"
             )
+    _check_writable(target)
     return target
+
+
+def _clean_up_after_a_kill(target: Path) -> None:
+    """Undo what a `write` killed mid-way left beside `target` (its process is gone): the previous export
+    set aside as `.NAME.old-PID` goes back if the new one never arrived; a half-built `.NAME.partial-PID`
+    is removed."""
+    if not target.parent.is_dir():
+        return
+    for leftover in sorted(target.parent.iterdir()):
+        stem, _, pid = leftover.name.rpartition("-")
+        if stem not in (f".{target.name}.old", f".{target.name}.partial") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if stem.endswith(".old") and not target.exists():
+            leftover.rename(target)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _check_writable(target: Path) -> None:
+    """Refuse a place the export cannot be written to (read-only, not ours; full, where a folder takes
+    space) now rather than after the retrainings: `write` builds beside `target`, so that is probed."""
+    folder = target.parent
+    while not folder.exists():  # `write` creates the missing folders; the nearest existing one decides
+        folder = folder.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.probe-", dir=folder))
+    except OSError as err:
+        code = place_errno(err)
+        if code is None:
+            raise
+        advice = "make it writable (or free space), or choose another export.dir; nothing was written"
+        raise unwritable(code, "the export", target, advice) from None
 
 
 def write(
     target: Path, model: keras.Model, config_yaml: str, label_table: dict[str, Any], prep: dict[str, Any], card: str
 ) -> Path:
     """Write the export to `target` (checked by `check_target`) all at once: it is built beside the
-    target and renamed into place, so an interrupted export leaves no half-written folder."""
+    target and renamed into place, so an interrupted export leaves no half-written folder, and a full
+    or read-only disk leaves the previous export as it was (a UserError says where and what to do)."""
+    try:
+        _write(target, model, config_yaml, label_table, prep, card)
+    except Exception as err:  # OSError, or TensorFlow's OpError from the SavedModel, of a full disk
+        code = place_errno(err)
+        if code is None:
+            raise
+        kept = "; the export there before is unchanged" if (target / MODEL).is_file() else ""
+        raise unwritable(
+            code, "the export", target, f"free space there (or make it writable), or choose another export.dir{kept}"
+        ) from err
+    return target
+
+
+def _write(
+    target: Path, model: keras.Model, config_yaml: str, label_table: dict[str, Any], prep: dict[str, Any], card: str
+) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.parent / f".{target.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
@@ -103,11 +170,15 @@ def write(
         old = target.parent / f".{target.name}.old-{os.getpid()}"
         if target.exists():
             target.rename(old)
-        partial.rename(target)
+        try:
+            partial.rename(target)
+        except OSError:
+            if old.exists():
+                old.rename(target)  # the previous export goes back where it was
+            raise
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    return target
 
 
 def saved_model(model: keras.Model, path: Path) -> None:

@@ -16,7 +16,7 @@ from lenet_sweep.cli import guarded
 from lenet_sweep.config import check, register_configs
 from lenet_sweep.errors import UserError
 from lenet_sweep.tracking.runs import tracked_run
-from lenet_sweep.tracking.store import open_store
+from lenet_sweep.tracking.store import exclusively, open_store
 from lenet_sweep.train import run_one
 
 
@@ -89,7 +89,8 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="reproduce")
 def main(cfg: DictConfig) -> None:
-    rows = guarded(lambda: reproduce(cfg, list(HydraConfig.get().overrides.task)))
+    overrides = list(HydraConfig.get().overrides.task)
+    rows = guarded(lambda: exclusively(cfg.mlflow, lambda: reproduce(cfg, overrides)))
     print("\nTable II: test accuracy (study vs lenet_sweep)\n")
     print(table_ii(rows))
 

@@ -40,7 +40,15 @@ from lenet_sweep.tracking.runs import (
     loggable_config,
     tracked_run,
 )
-from lenet_sweep.tracking.store import find_sweep_run, latest_attempts, number, open_store, redact, trial_runs
+from lenet_sweep.tracking.store import (
+    exclusively,
+    find_sweep_run,
+    latest_attempts,
+    number,
+    open_store,
+    redact,
+    trial_runs,
+)
 from lenet_sweep.tuner import (
     StopPolicy,
     SweepContext,
@@ -220,7 +228,7 @@ def state_fingerprint(cfg: DictConfig) -> dict[str, Any]:
     """What a resumed sweep must share with the one it continues (not where it logs or how it prints)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     data = {k: v for k, v in resolved["data"].items() if k not in ("decode_cache", "decode_threads")}
-    train = {k: v for k, v in resolved["train"].items() if k != "keras_verbose"}
+    train = {k: v for k, v in resolved["train"].items() if k not in ("keras_verbose", "resume", "backup_dir")}
     tuner = {k: v for k, v in resolved["tuner"].items() if k != "max_trials"}
     return flatten(
         {
@@ -676,7 +684,8 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sweep")
 def main(cfg: DictConfig) -> None:
-    guarded(lambda: run(cfg, list(HydraConfig.get().overrides.task)))
+    overrides = list(HydraConfig.get().overrides.task)
+    guarded(lambda: exclusively(cfg.mlflow, lambda: run(cfg, overrides)))
 
 
 if __name__ == "__main__":

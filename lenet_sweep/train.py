@@ -6,8 +6,11 @@ every training takes; `main` is the Hydra entry point.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -27,6 +30,7 @@ from lenet_sweep import export, plots, trial
 from lenet_sweep.cli import guarded
 from lenet_sweep.config import check, register_configs
 from lenet_sweep.data import PreparedData, prepare_data
+from lenet_sweep.errors import UserError
 from lenet_sweep.tracking.runs import (
     CONFIG,
     config_yaml,
@@ -35,9 +39,10 @@ from lenet_sweep.tracking.runs import (
     log_data_check,
     log_figure,
     loggable_config,
+    recorded_epochs,
     tracked_run,
 )
-from lenet_sweep.tracking.store import open_store
+from lenet_sweep.tracking.store import exclusively, open_store
 
 Progress = Callable[[str], None]
 
@@ -67,12 +72,16 @@ def train_and_log(
     keep_best: bool = False,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     tags: Optional[dict[str, Any]] = None,
+    backups: Optional[Path] = None,
+    resume_run_id: Optional[str] = None,
 ) -> RunResult:
     """Train `cfg.model` on `prepared`, evaluate it on test once, and record it all as one MLflow run
     in `experiment` of the store `mlflow.set_tracking_uri` names (see `open_store`).
 
     `test=False` leaves the test split alone (model selection: `prepared` then needs no test split);
-    `patience`, `keep_best` and `callbacks` as in `trial.fit`; `tags` join the run's tags.
+    `patience`, `keep_best` and `callbacks` as in `trial.fit`; `tags` join the run's tags. With `backups`
+    the training is backed up after every epoch to `backups/<run id>/` (removed once the run has ended);
+    `resume_run_id` (one of those runs, cut off) goes on with that run from the epoch after its backup.
     """
     import tensorflow as tf
 
@@ -93,24 +102,53 @@ def train_and_log(
             "env.TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", ""),
         }
     )
-    with tracked_run(
-        experiment_id=experiment,
-        run_name=run_name,
-        parent_run_id=parent_run_id,
-        nested=parent_run_id is not None,
-        tags={"lenet_sweep.kind": "train", "model": cfg.model.name, **(tags or {})},
-    ) as run:
+    start = (
+        {"run_id": resume_run_id}
+        if resume_run_id
+        else {
+            "experiment_id": experiment,
+            "run_name": run_name,
+            "parent_run_id": parent_run_id,
+            "nested": parent_run_id is not None,
+            "tags": {
+                "lenet_sweep.kind": "train",
+                "model": cfg.model.name,
+                "lenet_sweep.config_hash": config_hash(cfg),
+                **(tags or {}),
+            },
+        }
+    )
+    with tracked_run(**start) as run:
         run_id = run.info.run_id
-        mlflow.log_params(params)
-        mlflow.log_metrics(
-            {f"n_{split}": len(d.labels) for split, d in prepared.decoded.items()}
-            | {"skipped_files": len(prepared.skipped)}
-        )
-        mlflow.log_text(config_yaml(cfg), CONFIG)
-        log_data_check(prepared, cfg.train.sample_grid, cfg.seed)
-
+        client = MlflowClient(mlflow.get_tracking_uri())
         title = f"{cfg.model.name} ({cfg.optimizer.name})"
-        tracking = trial.Tracking(MlflowClient(mlflow.get_tracking_uri()), run_id, title=title)
+        tracking = trial.Tracking(client, run_id, title=title)
+        backup = Path(backups).expanduser().resolve() / run_id if backups is not None else None
+        if resume_run_id:
+            first = trial.resume_point(backup)
+            recorded = recorded_epochs(client, run_id)
+            if len(recorded) < first:
+                raise UserError(
+                    f"run {run_id}'s backup {backup} is at epoch {first} but the run holds {len(recorded)} "
+                    "epochs: rerun without train.resume=true to start a new run"
+                )
+            tracking.resumed, tracking.logged = recorded[:first], len(recorded)
+            mlflow.set_tag("lenet_sweep.resumed_at_epoch", first)
+            if "failure_reason" in run.data.tags:  # the cut-off's reason; it goes on now
+                mlflow.delete_tag("failure_reason")
+            if print_fn:
+                print_fn(f"resuming MLflow run {run_id} after epoch {first} of {cfg.train.epochs} (backup {backup})")
+        else:
+            if backup is not None:
+                mlflow.set_tag("lenet_sweep.backup", str(backup))
+            mlflow.log_params(params)
+            mlflow.log_metrics(
+                {f"n_{split}": len(d.labels) for split, d in prepared.decoded.items()}
+                | {"skipped_files": len(prepared.skipped)}
+            )
+            mlflow.log_text(config_yaml(cfg), CONFIG)
+            log_data_check(prepared, cfg.train.sample_grid, cfg.seed)
+
         started = time.perf_counter()
         fitted = trial.fit(
             cfg,
@@ -123,6 +161,7 @@ def train_and_log(
             keep_best=keep_best,
             callbacks=callbacks,
             verbose=trial.keras_verbose(cfg.train.keras_verbose),
+            backup=backup,
         )
         seconds = time.perf_counter() - started
         history = fitted.rows
@@ -142,7 +181,32 @@ def train_and_log(
                 f"loss became NaN/inf in epoch {len(history)}; training was stopped (lower optimizer.learning_rate)",
             )
             mlflow.end_run("FAILED")  # the `with` then leaves the ended run as it is
+    if backup is not None:  # the run has ended: nothing is left to resume
+        shutil.rmtree(backup, ignore_errors=True)
     return RunResult(run_id, history, test_loss, test_accuracy, tp, confusion, seconds, diverged, model)
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """What makes two runs the same training (not where they log, print or back up): a resumed run's key."""
+    config = loggable_config(cfg, ("data", "model", "optimizer", "train", "seed"))
+    for key in ("decode_cache", "decode_threads"):
+        config["data"].pop(key, None)
+    for key in ("resume", "backup_dir", "keras_verbose"):
+        config["train"].pop(key, None)
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cut_off_run(client: MlflowClient, experiment_id: str, cfg: DictConfig):
+    """The latest run of this config (`config_hash`) if the process that ran it died before it ended
+    (RUNNING, KILLED, or FAILED with its backup still there); None if that run finished or there is none."""
+    query = f"tags.`lenet_sweep.kind` = 'train' and tags.`lenet_sweep.config_hash` = '{config_hash(cfg)}'"
+    runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return None
+    run, backup = runs[0], runs[0].data.tags.get("lenet_sweep.backup")
+    if run.info.status in ("RUNNING", "KILLED") or (backup and Path(backup).exists()):
+        return run
+    return None
 
 
 def _log_outputs(
@@ -183,7 +247,26 @@ def run_one(cfg: DictConfig, parent_run_id: Optional[str] = None) -> RunResult:
     check(cfg)
     prepared = prepare_data(cfg.data, cfg.model.input_size, cfg.seed, progress=print)
     exp = open_store(cfg.mlflow)
-    result = train_and_log(cfg, prepared, exp, parent_run_id, default_run_name(cfg), print)
+    backups = Path(cfg.train.backup_dir).expanduser().resolve()
+    if backups.is_relative_to(prepared.splits.root.resolve()):
+        raise UserError(f"train.backup_dir={backups} lies inside data.root: choose a folder outside the data")
+    cut_off = None
+    if cfg.train.resume:
+        cut_off = cut_off_run(MlflowClient(mlflow.get_tracking_uri()), exp, cfg)
+        if cut_off is None:
+            print(
+                f"train.resume=true: no cut-off run of this config in experiment {cfg.mlflow.experiment!r}; a new run"
+            )
+    result = train_and_log(
+        cfg,
+        prepared,
+        exp,
+        parent_run_id,
+        default_run_name(cfg),
+        print,
+        backups=backups,
+        resume_run_id=cut_off.info.run_id if cut_off else None,
+    )
     print(
         f"{cfg.model.name}: test accuracy {result.test_accuracy:.4f}, test loss {result.test_loss:.4f}, "
         f"val loss lowest at epoch {result.turning_point_epoch}, {result.seconds:.0f}s; "
@@ -197,7 +280,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    result = guarded(lambda: run_one(cfg))
+    result = guarded(lambda: exclusively(cfg.mlflow, lambda: run_one(cfg)))
     if result.diverged:
         sys.exit(
             f"error: training diverged (loss NaN/inf in epoch {len(result.history)}); the run "

@@ -2,15 +2,20 @@
 benchmark's lenet_sweep side all take.
 
 Reading order: optimizer and model -> the run's callbacks (MLflow per-epoch logging with history.csv and
-curves, progress, early stopping, best-epoch weights) -> `fit` -> the one test evaluation.
+curves, progress, early stopping, best-epoch weights, the per-epoch backup a killed training resumes from)
+-> `fit` -> the one test evaluation.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import keras
@@ -76,7 +81,9 @@ class Tracking:
     run_id: str
     prefix: str = ""  # before each metric name (KerasTuner's later executions: "execution1.")
     title: str = ""  # of plots/curves.png
-    inherited: list[dict[str, float]] = field(default_factory=list)  # epochs before initial_epoch
+    inherited: list[dict[str, float]] = field(default_factory=list)  # epochs before initial_epoch (another run's)
+    resumed: list[dict[str, float]] = field(default_factory=list)  # this run's epochs trained before its backup
+    logged: int = 0  # epochs 1..logged are in the run already (a resumed training logs none of them again)
     restarts: list[int] = field(default_factory=list)  # epochs after which an earlier round's weights took over
     artifacts: bool = True  # write history.csv and plots/curves.png when training ends
     score: bool = True  # log best_val_accuracy, best_val_loss and best_epoch when training ends
@@ -97,9 +104,14 @@ class RunLogger(keras.callbacks.Callback):
         self._started = 0.0
 
     @property
+    def own(self) -> list[dict[str, float]]:
+        """The run's own epochs: those trained before a resume, then this process's."""
+        return [*self.tracking.resumed, *self.history]
+
+    @property
     def rows(self) -> list[dict[str, float]]:
-        """Every epoch of the run: inherited ones, then this training's."""
-        return [*self.tracking.inherited, *self.history]
+        """Every epoch of the run: inherited ones, then its own."""
+        return [*self.tracking.inherited, *self.own]
 
     def on_epoch_begin(self, epoch, logs=None):
         self._started = time.perf_counter()
@@ -110,6 +122,9 @@ class RunLogger(keras.callbacks.Callback):
         self.history.append(row)
         started = time.perf_counter()
         t, now = self.tracking, int(time.time() * 1000)
+        if epoch + 1 <= t.logged:
+            # Logged before the process died, after its last backup: retrained to the same values, kept once.
+            return
         metrics = [Metric(t.prefix + k, v, now, epoch + 1) for k, v in row.items()]
         t.client.log_batch(t.run_id, metrics=metrics, synchronous=True)
         self.seconds += time.perf_counter() - started
@@ -120,12 +135,13 @@ class RunLogger(keras.callbacks.Callback):
         if t.artifacts:
             t.client.log_text(t.run_id, history_csv(self.rows), "history.csv")
             log_figure(plots.trial_curves(self.rows, t.title, t.restarts), "plots/curves.png", t.client, t.run_id)
-        epoch, score = best_epoch(self.history)
+        own = self.own
+        epoch, score = best_epoch(own)
         if t.score and np.isfinite(score):
             best = {
                 "best_val_accuracy": score,
-                "best_epoch": epoch,
-                "best_val_loss": self.history[epoch - 1].get("val_loss", float("nan")),
+                "best_epoch": len(t.inherited) + epoch,
+                "best_val_loss": own[epoch - 1].get("val_loss", float("nan")),
             }
             now = int(time.time() * 1000)
             t.client.log_batch(t.run_id, [Metric(t.prefix + k, v, now, 0) for k, v in best.items()], synchronous=True)
@@ -153,6 +169,91 @@ class ProgressPrinter(keras.callbacks.Callback):
         )
 
 
+class EpochCounter(keras.callbacks.Callback):
+    """Sets the variable the training set's order is drawn from (data/pipeline.py) as each epoch begins,
+    before Keras starts that epoch's iterator; first in the callback list."""
+
+    def __init__(self, variable):
+        super().__init__()
+        self.variable = variable
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.variable.assign(epoch)
+
+
+class ResumedEarlyStopping(keras.callbacks.EarlyStopping):
+    """Keras' early stopping on validation loss that, in a resumed training, first replays the epochs
+    trained before the backup, so it stops where an uninterrupted training would have."""
+
+    def __init__(self, patience: int, replay: Sequence[tuple[int, dict[str, float]]] = ()):
+        super().__init__("val_loss", mode="min", patience=patience)
+        self.replay = list(replay)  # (0-based epoch, its logs)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        for epoch, row in self.replay:
+            super().on_epoch_end(epoch, row)
+
+
+BACKUP_STATE = "state"  # the folder of the last complete backup inside a run's backup folder
+
+
+def _recover(folder: Path) -> Path:
+    """The complete backup in `folder` (a swap cut off between its two renames leaves it as state.old)."""
+    state, old = folder / BACKUP_STATE, folder / f"{BACKUP_STATE}.old"
+    if not state.exists() and old.exists():
+        os.rename(old, state)
+    return state
+
+
+def resume_point(folder: Optional[Path]) -> int:
+    """Epochs a training backed up in `folder` had completed (0: none, or no backup)."""
+    if folder is None:
+        return 0
+    metadata = _recover(Path(folder)) / "training_metadata.json"
+    return int(json.loads(metadata.read_text())["epoch"]) if metadata.exists() else 0
+
+
+def _seed_states(model: keras.Model) -> list:
+    # Dropout, flips and shifts draw from SeedGenerators whose state Keras does not save with the weights.
+    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
+
+
+class Backup(keras.callbacks.BackupAndRestore):
+    """Keras' BackupAndRestore (weights, optimizer state, epoch) after every epoch, plus the random layers'
+    generator states; each backup is written whole into a new folder, then swapped in by renames, so a kill
+    at any moment leaves the last complete one. Kept after training: the caller removes it once the run is
+    recorded as ended."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        state = _recover(self.folder)
+        super().__init__(str(state), delete_checkpoint=False)
+
+    def _save_model(self):
+        saving, state = self.folder / "saving", self.folder / BACKUP_STATE
+        shutil.rmtree(saving, ignore_errors=True)
+        saving.mkdir(parents=True)
+        self.model.save_weights(str(saving / Path(self._weights_path).name))
+        np.savez(saving / "seeds.npz", *[v.numpy() for v in _seed_states(self.model)])
+        metadata = {"epoch": self._current_epoch, "batch": self._last_batch_seen}
+        (saving / Path(self._training_metadata_path).name).write_text(json.dumps(metadata))
+        old = self.folder / f"{BACKUP_STATE}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if state.exists():
+            os.rename(state, old)
+        os.rename(saving, state)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _load_model(self):
+        super()._load_model()
+        seeds = Path(self.backup_dir) / "seeds.npz"
+        if seeds.exists():
+            with np.load(seeds) as saved:
+                for i, variable in enumerate(_seed_states(self.model)):
+                    variable.assign(saved[f"arr_{i}"])
+
+
 def keras_verbose(setting: str) -> int:
     """Keras' `verbose` from train.keras_verbose: the progress bar only on a terminal when "auto"."""
     if setting == "auto":
@@ -165,8 +266,10 @@ def keras_verbose(setting: str) -> int:
 
 @dataclass
 class Fitted:
-    history: keras.callbacks.History  # Keras' own record of this fit
+    history: keras.callbacks.History  # Keras' own record of this process's epochs
     rows: list[dict[str, float]]  # every epoch of the run as logged (inherited ones first; [] if untracked)
+    own: list[dict[str, float]]  # the run's own epochs (trained before a resume, then here; [] if untracked)
+    start: int  # 0-based epoch of own[0]: Hyperband's initial_epoch
     logging_seconds: float  # time spent logging to MLflow inside fit
 
 
@@ -186,18 +289,36 @@ def fit(
     verbose: int = 0,
     steps_per_epoch: Optional[int] = None,
     validation_steps: Optional[int] = None,
+    backup: Optional[Path] = None,
 ) -> Fitted:
     """Train `model` on `data`'s train split, validating on its val split, as every run trains.
 
-    The callbacks, in Keras' calling order: MLflow logging (`tracking`), stop on NaN, early stopping after
-    `patience` epochs without a lower validation loss, the best validation-accuracy epoch's weights restored
-    at the end (`keep_best`: the model a KerasTuner checkpoint would hold), `callbacks`, progress lines.
+    The callbacks, in Keras' calling order: the epoch counter the training order is drawn from, MLflow
+    logging (`tracking`), stop on NaN, early stopping after `patience` epochs without a lower validation
+    loss, the best validation-accuracy epoch's weights restored at the end (`keep_best`: the model a
+    KerasTuner checkpoint would hold), `callbacks`, the backup (`backup`: a folder of its own; a training
+    given a folder holding a backup goes on from the epoch after it, its earlier epochs in
+    `tracking.resumed`), progress lines. The backup comes after the logger: an epoch logged but not backed
+    up is trained again (to the same values) and not logged twice.
     """
+    import tensorflow as tf
+
     epochs = epochs or cfg.train.epochs
+    first = max(initial_epoch, resume_point(backup))
+    if backup is not None and (tracking is None or len(tracking.resumed) != first - initial_epoch or keep_best):
+        raise ValueError("a resumed training needs its earlier epochs in tracking.resumed, and no keep_best")
     logger = RunLogger(tracking) if tracking is not None else None
-    run_callbacks: list[keras.callbacks.Callback] = [*([logger] if logger else []), keras.callbacks.TerminateOnNaN()]
+    counter = tf.Variable(0, dtype=tf.int64, trainable=False)
+    run_callbacks: list[keras.callbacks.Callback] = [EpochCounter(counter), *([logger] if logger else [])]
+    run_callbacks.append(keras.callbacks.TerminateOnNaN())
     if patience:
-        run_callbacks.append(keras.callbacks.EarlyStopping("val_loss", patience=patience))
+        replay = list(enumerate(tracking.resumed, start=initial_epoch)) if tracking else []
+        stopping = ResumedEarlyStopping(patience, replay)
+        stopping.set_model(model)
+        stopping.on_train_begin()
+        if model.stop_training:  # it had stopped before the process died: no epoch is left to train
+            epochs, model.stop_training = first, False
+        run_callbacks.append(stopping)
     if keep_best:
         # Keras 3 restores the best epoch's weights when training ends, stopped early or not; patience past
         # the last epoch means this one never stops training itself.
@@ -205,24 +326,29 @@ def fit(
             keras.callbacks.EarlyStopping(OBJECTIVE, mode="max", patience=epochs + 1, restore_best_weights=True)
         )
     run_callbacks += list(callbacks)
+    if backup is not None:
+        run_callbacks.append(Backup(backup))
     if print_fn and logger:
         run_callbacks.append(ProgressPrinter(print_fn, epochs, logger))
     batch = cfg.train.batch_size
-    train_ds = make_dataset(data.decoded["train"], batch, shuffle=True, seed=seed)
+    train_ds = make_dataset(data.decoded["train"], batch, shuffle=True, seed=seed, epoch=counter)
     val_ds = make_dataset(data.decoded["val"], batch, shuffle=False)
-    # shuffle=False: train_ds already reshuffles every epoch with the run's seed.
+    # shuffle=False: train_ds already draws a new order every epoch from the run's seed.
     history = model.fit(
         train_ds,
         validation_data=val_ds,
         epochs=epochs,
-        initial_epoch=initial_epoch,
+        initial_epoch=first,
         callbacks=run_callbacks,
         verbose=verbose,
         shuffle=False,
         steps_per_epoch=steps_per_epoch,
         validation_steps=validation_steps,
     )
-    return Fitted(history, logger.rows if logger else [], logger.seconds if logger else 0.0)
+    if logger is None:
+        own = [{k: float(v[i]) for k, v in history.history.items()} for i in range(len(history.epoch))]
+        return Fitted(history, [], own, initial_epoch, 0.0)
+    return Fitted(history, logger.rows, logger.own, initial_epoch, logger.seconds)
 
 
 # ---- the one test evaluation -------------------------------------------------------------------

@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import keras
 import keras_tuner as kt
 import mlflow
 import numpy as np
+from keras_tuner.src.engine.tuner_utils import SaveBestEpoch
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
@@ -31,7 +34,15 @@ from lenet_sweep import trial as T
 from lenet_sweep.cli import clock
 from lenet_sweep.data import DataBySize
 from lenet_sweep.tracking.artifacts import Artifacts
-from lenet_sweep.tracking.runs import CONFIG, config_yaml, end_killed, flatten, loggable_config, tracked_run
+from lenet_sweep.tracking.runs import (
+    CONFIG,
+    config_yaml,
+    end_killed,
+    flatten,
+    loggable_config,
+    recorded_epochs,
+    tracked_run,
+)
 from lenet_sweep.tracking.store import trial_runs
 
 Progress = Callable[[str], None]
@@ -56,6 +67,7 @@ class TrialModel(kt.HyperModel):
         self.data, self.num_classes, self.patience = data, num_classes, patience
         self.seed = cfg.seed
         self.tracking: Optional[T.Tracking] = None
+        self.backup: Optional[Path] = None  # the execution's backup folder (trial.Backup)
         self.fitted: Optional[T.Fitted] = None  # the last execution's
 
     def build(self, hp: kt.HyperParameters) -> keras.Model:
@@ -75,6 +87,11 @@ class TrialModel(kt.HyperModel):
         **kwargs,
     ):
         cfg = self.config(hp)
+        resumed = self.tracking.resumed if self.tracking else []
+        for callback in callbacks:
+            if isinstance(callback, SaveBestEpoch) and resumed:
+                # KerasTuner's best-epoch checkpoint of the epochs before the resume is on disk: carry its bar.
+                callback.best_value = max(row.get(OBJECTIVE, -math.inf) for row in resumed)
         fitted = T.fit(
             cfg,
             model,
@@ -85,9 +102,10 @@ class TrialModel(kt.HyperModel):
             callbacks=callbacks,
             epochs=epochs,
             initial_epoch=initial_epoch,
+            backup=self.backup,
         )
         self.fitted = fitted
-        return fitted.history
+        return own_history(fitted) if resumed else fitted.history
 
 
 @dataclass
@@ -141,6 +159,16 @@ def stop_search(oracle, why: str) -> bool:
     return True
 
 
+def own_history(fitted: T.Fitted) -> keras.callbacks.History:
+    """A resumed training's whole own history (the epochs before the resume, then this process's) as the
+    Keras History KerasTuner scores a trial by."""
+    history = keras.callbacks.History()
+    keys = sorted({k for row in fitted.own for k in row} - {"epoch_seconds"})
+    history.epoch = list(range(fitted.start, fitted.start + len(fitted.own)))
+    history.history = {k: [row.get(k, math.nan) for row in fitted.own] for k in keys}
+    return history
+
+
 def best_epoch_metrics(histories: list) -> dict[str, float]:
     """KerasTuner's score of a trial: each execution's metrics at its best `OBJECTIVE` epoch, averaged."""
     rows = []
@@ -167,6 +195,7 @@ class TrialTracking:
         self.policy = StopPolicy(context.started, context.time_limit_minutes, context.max_consecutive_failures)
         self.trials_ended = 0  # by this process
         self._fits: list[T.Fitted] = []  # the trial's executions so far
+        self._continuing = False  # the trial goes on from its backups, in its cut-off MLflow run
         self._beat: Optional[distributed.Heartbeat] = None  # a worker's, while its trial runs
         super().__init__(*args, **kwargs)
 
@@ -185,12 +214,21 @@ class TrialTracking:
             inherited = (self.histories[previous] + [{}] * initial)[:initial]
         shown = f" (execution 1 of {self.executions_per_trial})" if self.executions_per_trial > 1 else ""
         cfg = model.config(hp)
+        client, run_id = MlflowClient(mlflow.get_tracking_uri()), mlflow.active_run().info.run_id
+        prefix = f"execution{execution}." if execution else ""
+        model.backup = self.backups(trial.trial_id) / f"execution{execution}"
+        resumed, logged = [], 0
+        if self._continuing:
+            rows = recorded_epochs(client, run_id, prefix, first=initial + 1)
+            resumed, logged = rows[: max(T.resume_point(model.backup) - initial, 0)], initial + len(rows)
         model.tracking = T.Tracking(
-            MlflowClient(mlflow.get_tracking_uri()),
-            mlflow.active_run().info.run_id,
-            prefix=f"execution{execution}." if execution else "",
+            client,
+            run_id,
+            prefix=prefix,
             title=f"trial {trial.trial_id}{shown}: {cfg.model.name}, {describe(model.values(hp))}",
             inherited=inherited,
+            resumed=resumed,
+            logged=logged,
             restarts=[initial] if previous else [],
             artifacts=execution == 0,
             score=False,
@@ -200,6 +238,11 @@ class TrialTracking:
         results = super()._build_and_fit_model(trial, *args, **kwargs)
         self._fits.append(model.fitted)
         return results
+
+    def backups(self, trial_id: str) -> Path:
+        """The trial's backup folders (one per execution), in its KerasTuner folder; a worker's own."""
+        worker = f"-{self.context.worker_id}" if self.context.worker_id else ""
+        return Path(self.get_trial_dir(trial_id)) / f"backup{worker}"
 
     def run_trial(self, trial, *args, **kwargs):
         if not isinstance(self.oracle, distributed.WorkerOracle):
@@ -224,6 +267,11 @@ class TrialTracking:
             return {k[len("best_") :]: v for k, v in m.items() if k.startswith("best_") and k != "best_epoch"}
         self._fits = []
         reason = ""
+        backups = self.backups(trial.trial_id)
+        cut = attempts[-1] if attempts and attempts[-1].info.status in ("KILLED", "RUNNING") else None
+        self._continuing = cut is not None and T.resume_point(backups / "execution0") > 0
+        if not self._continuing:  # a new attempt starts from the trial's first epoch
+            shutil.rmtree(backups, ignore_errors=True)
         if self.context.worker_id and self.context.print_fn:
             self.context.print_fn(
                 f"worker {self.context.worker_id}: trial [{trial.trial_id}] started  {trial_values(trial)}"
@@ -235,20 +283,31 @@ class TrialTracking:
             "lenet_sweep.attempt": len(attempts) + 1,
         } | ({"lenet_sweep.worker": self.context.worker_id} if self.context.worker_id else {})
         lost = ""
-        try:
-            with tracked_run(
+        start = (
+            {"run_id": cut.info.run_id, "nested": True}  # inside the sweep's active parent run
+            if self._continuing
+            else dict(
                 experiment_id=self.context.experiment_id,
                 run_name=f"trial-{trial.trial_id}",
                 parent_run_id=self.context.parent_run_id,
                 nested=True,
                 tags=tags,
-            ):
+            )
+        )
+        try:
+            with tracked_run(**start):
                 cfg = self.hypermodel.config(hp)
-                mlflow.set_tag("model", cfg.model.name)
-                if hp.values.get("tuner/trial_id"):
-                    mlflow.set_tag("lenet_sweep.continues_trial", hp.values["tuner/trial_id"])
-                mlflow.log_params(trial_params(cfg, hp, self.hypermodel.values(hp)))
-                mlflow.log_text(config_yaml(cfg), CONFIG)  # the trial's config, as a hand-run `train` takes it
+                if self._continuing:
+                    mlflow.set_tag("lenet_sweep.resumed_at_epoch", T.resume_point(backups / "execution0"))
+                    client = MlflowClient(mlflow.get_tracking_uri())
+                    if "failure_reason" in cut.data.tags:  # the cut-off's reason; it goes on now
+                        client.delete_tag(cut.info.run_id, "failure_reason")
+                else:
+                    mlflow.set_tag("model", cfg.model.name)
+                    if hp.values.get("tuner/trial_id"):
+                        mlflow.set_tag("lenet_sweep.continues_trial", hp.values["tuner/trial_id"])
+                    mlflow.log_params(trial_params(cfg, hp, self.hypermodel.values(hp)))
+                    mlflow.log_text(config_yaml(cfg), CONFIG)  # the trial's config, as a hand-run `train` takes it
                 fit_started = time.perf_counter()
                 try:
                     histories = super().run_trial(trial, *args, **kwargs)
@@ -272,6 +331,7 @@ class TrialTracking:
         except Exception as err:  # recorded FAILED by tracked_run; KerasTuner must not retry it
             self.last_reason = one_line(f"{type(err).__name__}: {err}")
             raise kt.errors.FailedTrialError(self.last_reason) from err
+        shutil.rmtree(backups, ignore_errors=True)  # the trial's run has ended: nothing is left to resume
         if reason or lost:
             self.last_reason = reason or lost  # a lost trial's end report is ignored by the chief
             raise kt.errors.FailedTrialError(self.last_reason)
@@ -412,7 +472,8 @@ def mark_cut_off_trials(client: MlflowClient, experiment_id: str, parent_run_id:
         end_killed(
             client,
             run.info.run_id,
-            "cut off: the sweep stopped before this trial ended; a resumed sweep runs the trial again as a new attempt",
+            "cut off: the sweep stopped before this trial ended; a resumed sweep goes on with it from its last "
+            "completed epoch (its backup), or runs it again as a new attempt if it has none",
         )
     return len(cut)
 

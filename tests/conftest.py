@@ -5,9 +5,11 @@ session-wide tiny sweep."""
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +57,18 @@ def pattern(label: int, index: int, size: int) -> np.ndarray:
     stripes = np.sin((x if label % 2 else y) * (0.3 + 0.15 * label))[..., None]
     img = hue * (0.6 + 0.4 * stripes) + rng.normal(0, 12, (size, size, 3))
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A valid PNG claiming width x height 8-bit gray pixels, with a few bytes of data: a decompression
+    bomb's shape (decoding it would allocate width x height bytes and more)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
 
 
 def make_image_folder(

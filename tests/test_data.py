@@ -64,7 +64,9 @@ def test_limit_per_class_keeps_first_sorted_files_of_the_same_split(image_folder
 def test_awkward_files_decode_or_are_reported_and_user_data_is_untouched(image_folder):
     before = _tree_digest(image_folder)
     splits = D.find_splits(image_folder, seed=0)
-    assert sorted(Path(p).name for p in splits.ignored) == ["README.txt"]
+    left_out = {Path(p).name: why for p, why in splits.skipped}  # reported, not decoded
+    assert set(left_out) == {"README.txt", ".DS_Store", ".cache"}
+    assert "suffix" in left_out["README.txt"] and "hidden" in left_out[".cache"]
     decoded = D.decode_split(splits.root, splits.files["train"], 16)
     assert decoded.images.shape == (len(decoded.paths), 16, 16, 3) and decoded.images.dtype == np.uint8
     kept = {Path(p).name for p in decoded.paths}
@@ -163,19 +165,26 @@ def test_unicode_paths(tmp_path):
     assert D.decode_split(again.root, again.files["test"], 8).skipped == []
 
 
-def test_dataset_scales_to_unit_range_and_reshuffles_each_epoch(image_folder):
+def test_dataset_scales_to_unit_range_and_draws_each_epochs_order_from_seed_and_epoch(image_folder):
+    import tensorflow as tf
+
     splits = D.find_splits(image_folder, seed=0)
     dec = D.decode_split(splits.root, splits.files["train"], 12)
-    ds = D.make_dataset(dec, batch_size=4, shuffle=True, seed=5)
+    epoch = tf.Variable(0, dtype=tf.int64)
+    ds = D.make_dataset(dec, batch_size=4, shuffle=True, seed=5, epoch=epoch)
     first = np.concatenate([y.numpy() for _, y in ds])
+    epoch.assign(1)
     second = np.concatenate([y.numpy() for _, y in ds])
     assert sorted(first) == sorted(dec.labels.tolist()) and not np.array_equal(first, second)
-    again = np.concatenate([y.numpy() for _, y in D.make_dataset(dec, 4, shuffle=True, seed=5)])
-    assert np.array_equal(first, again)
+    # The order is (seed, epoch)'s alone: a new dataset at epoch 1 (a resumed training) repeats it.
+    again = np.concatenate([y.numpy() for _, y in D.make_dataset(dec, 4, shuffle=True, seed=5, epoch=epoch)])
+    assert np.array_equal(second, again)
     x, _ = next(iter(ds))
     assert x.dtype.name == "float32" and 0.0 <= float(x.numpy().min()) and float(x.numpy().max()) <= 1.0
     ordered = np.concatenate([y.numpy() for _, y in D.make_dataset(dec, 4, shuffle=False)])
     assert np.array_equal(ordered, dec.labels)
+    with pytest.raises(ValueError, match="epoch variable"):
+        D.make_dataset(dec, 4, shuffle=True, seed=5)
 
 
 def _serve(folder: Path):

@@ -71,7 +71,7 @@ def test_train_command_records_exactly_one_complete_run(image_folder, store):
     metrics = run.data.metrics
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and np.isfinite(metrics["test_loss"])
     assert metrics["turning_point_epoch"] in (1, 2)
-    assert metrics["skipped_files"] == 3  # truncated.JPEG, notes.jpg, README.txt
+    assert metrics["skipped_files"] == 5  # truncated.JPEG, notes.jpg, README.txt, .DS_Store, the .cache folder
     assert all_artifacts(client, run.info.run_id) >= ARTIFACTS
 
     skipped = Path(client.download_artifacts(run.info.run_id, "data/skipped_files.csv")).read_text()

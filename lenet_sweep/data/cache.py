@@ -7,8 +7,9 @@ of every file, in order), each file's size and modification time (the dataset fi
 size and the resize method. A changed, added or removed file changes the key, so a stale entry is never
 looked up. An entry is written to a hidden temporary folder and renamed into place only when complete;
 on load its recorded key, array shapes and SHA-256 are checked, and an entry that fails any check
-(partly written, truncated, edited) is reported, deleted and rebuilt. Nothing under the data root is
-ever written.
+(partly written, truncated, edited) is reported, deleted and rebuilt. A write that fails (disk full,
+read-only) takes its temporary folder with it and is reported; the run goes on with the split in memory.
+Nothing under the data root is ever written.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 
 from lenet_sweep.data.decode import DecodedSplit, decode_split
 from lenet_sweep.data.listing import SplitFiles
+from lenet_sweep.errors import place_errno, trouble
 
 FORMAT = 1  # bump when the entry layout or the decoding changes: old entries then stop matching
 Progress = Callable[[str], None]
@@ -82,12 +84,22 @@ def _load(entry: Path, key: str, size: int) -> DecodedSplit:
     return DecodedSplit(images, labels.astype(np.int32), list(meta["paths"]), [tuple(row) for row in meta["skipped"]])
 
 
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    """`np.save(path, array)`, except that a full disk raises OSError ENOSPC: NumPy writes through
+    `ndarray.tofile`, which reports it as a short write with no errno ("331776 requested and 44928
+    written"). np.load reads the file as any other .npy."""
+    array = np.ascontiguousarray(array)
+    with open(path, "wb") as out:
+        np.lib.format.write_array_header_1_0(out, np.lib.format.header_data_from_array_1_0(array))
+        out.write(array.data)
+
+
 def _save(cache_dir: Path, entry: Path, key: str, split: DecodedSplit) -> None:
     """Write `split` to a hidden temporary folder, then rename it to `entry` in one step."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".partial", dir=cache_dir))
     try:
-        np.save(tmp / "images.npy", split.images, allow_pickle=False)
-        np.save(tmp / "labels.npy", split.labels, allow_pickle=False)
+        _write_npy(tmp / "images.npy", split.images)
+        _write_npy(tmp / "labels.npy", split.labels)
         meta = {
             "format": FORMAT,
             "key": key,
@@ -136,11 +148,15 @@ def load_or_decode(
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         _save(cache_dir, entry, key, decoded)
-    except OSError as err:  # a full or read-only disk costs speed, never the run
+    except OSError as err:
+        # The cache only saves time and the split is decoded in memory already: a full or read-only disk
+        # costs the next run a decode, never this run. `_save` took its temporary folder with it.
+        code = place_errno(err)
         if progress:
             progress(
-                f"{split}: could not write the decode cache under {cache_dir} ({err}); "
-                "continuing without it (set data.decode_cache to a writable folder, or null)"
+                f"warning: {trouble(code) if code else err} writing the decode cache at {cache_dir}: "
+                f"{split} is used from memory this run and decoded again the next; free space there, "
+                "or set data.decode_cache=null (no cache) or to another folder"
             )
     return decoded, "decoded"
 

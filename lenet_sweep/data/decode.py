@@ -1,6 +1,8 @@
 """Decoding: images of any channel layout become RGB and are resized as Keras'
 `image_dataset_from_directory` resizes them (`tf.image.resize`, bilinear, no antialias), kept as uint8.
-Files that fail to decode are skipped and reported, never touched."""
+Files that fail to decode are skipped and reported, never touched. Before any decoding, `screen` refuses
+files over the size limits (bytes on disk, pixels in the header), so one huge or hostile file (a
+decompression bomb: a small file whose header claims 30000x30000 pixels) cannot exhaust memory."""
 
 from __future__ import annotations
 
@@ -30,6 +32,46 @@ class DecodedSplit:
 INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5", "gaussian", "mitchellcubic")
 # What Pillow raises for files it cannot read: unknown format, truncated data, corrupt headers.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+def screen(path: Path, max_pixels: Optional[int], max_file_mb: Optional[float]) -> str:
+    """Why `path` must not be decoded ("" if it may be): over `max_file_mb` megabytes on disk (checked
+    with stat, the file is not opened), over `max_pixels` (width x height, read from the header alone),
+    or no header Pillow knows. None: no limit of ours. Pillow's own guard refuses above 178,956,970 pixels
+    (2 x PIL.Image.MAX_IMAGE_PIXELS) whatever `max_pixels` says.
+
+    Opens only regular files: give it what `listing.stat_file` accepted.
+    """
+    try:
+        size = path.stat().st_size
+        if max_file_mb is not None and size > max_file_mb * 1e6:
+            return f"{size / 1e6:.1f} MB on disk, over the limit of {max_file_mb:g} MB (max_file_mb): not opened"
+        with Image.open(path) as img:  # reads the header only; pixels are decoded by load()
+            width, height = img.size
+    except Image.DecompressionBombError as err:  # Pillow's own guard, inside open(): whatever max_pixels says
+        return f"DecompressionBombError: {err} Not decoded"
+    except DECODE_ERRORS as err:
+        return f"{type(err).__name__}: {err}"
+    if max_pixels is not None and width * height > max_pixels:
+        return (
+            f"{width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} (max_pixels): not decoded"
+        )
+    return ""
+
+
+def screen_split(
+    root: Path, split: SplitFiles, max_pixels: Optional[int], max_file_mb: Optional[float]
+) -> tuple[SplitFiles, list[tuple[str, str]]]:
+    """(the files of `split` that may be decoded, (relative path, reason) of those `screen` refused)."""
+    kept, refused = SplitFiles(), []
+    for rel, label in zip(split.paths, split.labels):
+        why = screen(root / rel, max_pixels, max_file_mb)
+        if why:
+            refused.append((rel, why))
+        else:
+            kept.paths.append(rel)
+            kept.labels.append(label)
+    return kept, refused
 
 
 def read_rgb(path: Path) -> np.ndarray:

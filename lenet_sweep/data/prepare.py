@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from typing import Optional
 from omegaconf import DictConfig
 
 from lenet_sweep.data import cache
-from lenet_sweep.data.decode import DecodedSplit, decode_split
+from lenet_sweep.data.decode import DecodedSplit, decode_split, screen_split
 from lenet_sweep.data.download import download_imagenette
 from lenet_sweep.data.listing import SPLITS, DataError, Splits, find_splits, readable_names
 
@@ -27,8 +28,9 @@ class PreparedData:
 
     @property
     def skipped(self) -> list[tuple[str, str, str]]:
-        """(split, relative path, reason) of every file that was left out."""
-        rows = [("-", path, "not an image file (suffix)") for path in self.splits.ignored]
+        """(split, relative path, reason) of every file that was left out: by listing (split "-": before
+        val/ is split), by the size limits or by decoding."""
+        rows = [("-", path, why) for path, why in self.splits.skipped]
         for split, dec in self.decoded.items():
             rows += [(split, path, why) for path, why in dec.skipped]
         return rows
@@ -43,7 +45,9 @@ def prepare_data(
 ) -> PreparedData:
     """List, split and decode the data named by `data_cfg` at `image_size` pixels (only `splits`).
 
-    `seed` splits val/ into validation and test unless `data_cfg.split_seed` is set.
+    `seed` splits val/ into validation and test unless `data_cfg.split_seed` is set. Files over
+    `data_cfg.max_file_mb` or `data_cfg.max_pixels` are refused before decoding: they are left out of
+    what is decoded, so the decode cache never holds them and a changed limit changes its key.
     """
     root = data_cfg.root
     if not root:
@@ -54,8 +58,8 @@ def prepare_data(
     listed = find_splits(root, split_seed, data_cfg.test_fraction, data_cfg.limit_per_class)
     decoded = {}
     for split in splits:
-        files = listed.files[split]
         started = time.perf_counter()
+        files, refused = screen_split(listed.root, listed.files[split], data_cfg.max_pixels, data_cfg.max_file_mb)
         if data_cfg.decode_cache:
             decoded[split], how = cache.load_or_decode(
                 data_cfg.decode_cache,
@@ -75,6 +79,7 @@ def prepare_data(
                 ),
                 "decoded",
             )
+        decoded[split] = dataclasses.replace(decoded[split], skipped=refused + decoded[split].skipped)
         if progress:
             dec = decoded[split]
             source = "loaded from the decode cache" if how == "cache" else "decoded"
@@ -85,7 +90,7 @@ def prepare_data(
         if not len(decoded[split].labels):
             raise DataError(
                 f"no file of the {split} split could be decoded "
-                f"({len(files.paths)} tried): see the reasons in the skipped-files report"
+                f"({len(listed.files[split].paths)} tried): see the reasons in the skipped-files report"
             )
     return PreparedData(listed, decoded, readable_names(listed.classes, data_cfg.class_names))
 

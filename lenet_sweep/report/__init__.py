@@ -35,6 +35,7 @@ from lenet_sweep.report.evidence import gather
 from lenet_sweep.report.facts import compute
 from lenet_sweep.report.sections import answers, build
 from lenet_sweep.tracking import store
+from lenet_sweep.tracking.artifacts import no_scored_trial
 
 REPORT_FILES = ("report.md", "report.html", "report.json")
 
@@ -63,9 +64,7 @@ def make_report(cfg: DictConfig) -> ReportResult:
     stale_figures = check_target(out)
     ev = gather(client, experiment_id, parent)
     if not ev.finished:
-        raise UserError(
-            f"sweep {name!r} (MLflow run {parent.info.run_id}) has no finished trial yet: run or resume the sweep first"
-        )
+        raise UserError(no_scored_trial(parent, [t.status for t in ev.trials]))
     facts = compute(ev, cfg)
     doc = build(ev, facts, cfg, uri)
     facts["figures"] = [f.name for f in doc.figures]

@@ -7,6 +7,7 @@ from omegaconf import DictConfig
 from lenet_sweep import cli
 from lenet_sweep.config import register_configs
 from lenet_sweep.report import run
+from lenet_sweep.tracking import store
 
 register_configs()
 
@@ -14,7 +15,7 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="report")
 def main(cfg: DictConfig) -> None:
     """The report command, its errors as one line."""
-    cli.guarded(lambda: run(cfg))
+    cli.guarded(lambda: store.exclusively(cfg.mlflow, lambda: run(cfg)))
 
 
 if __name__ == "__main__":

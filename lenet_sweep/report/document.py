@@ -126,8 +126,8 @@ def _png(fig: Figure) -> bytes:
 
 
 def _cell(value: Any) -> str:
-    """A table cell: – for None, 4 decimals for a float."""
-    if value is None:
+    """A table cell: – for None and NaN (nothing recorded), 4 decimals for a float."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     if isinstance(value, float):
         return f"{value:.4f}"

@@ -40,8 +40,9 @@ class Run:
 
     @property
     def score(self) -> Optional[float]:
-        """Best validation accuracy: the run's own metric, else the best epoch of its history."""
-        if OBJECTIVE in self.metrics:
+        """Best validation accuracy: the run's own metric, else the best epoch of its history (a NaN metric
+        says only that no epoch was scored: it counts as none)."""
+        if math.isfinite(self.metrics.get(OBJECTIVE, math.nan)):
             return self.metrics[OBJECTIVE]
         values = [row["val_accuracy"] for row in self.history if math.isfinite(row.get("val_accuracy", math.nan))]
         return max(values) if values else None
@@ -119,14 +120,15 @@ class Evidence:
     best: Any  # the sweep's latest finished `best` run, or None
     retrains: list[Run]  # its retrainings
     singles: list[Run]  # the experiment's single runs (train, reproduce), finished
-    data: Optional[dict]  # data/summary.json (classes, names, counts, listed, skipped)
+    data: Optional[dict]  # data/summary.json (classes, names, counts, listed, skipped), see `data_summary`
     skipped: list[dict]  # data/skipped_files.csv rows
     packages: dict[str, str]  # our Table I (table_i_packages.json)
     candidates: list[dict]  # best/candidates.csv rows
-    confusion: Optional[dict]  # evaluation/confusion_matrix.json of the winner
+    confusion: Optional[dict]  # evaluation/confusion_matrix.json of the winner, see `confusion_matrix`
     predictions: list[dict]  # evaluation/test_predictions.csv rows of the winner
     sample_images: Optional[bytes]  # plots/sample_images.png
     data_root: Optional[str]  # where the winner's data was (for the misclassified images)
+    cut_off: Any = None  # the sweep's latest `best` run if it did not finish (cut off, failed), else None
 
     @property
     def finished(self) -> list[Run]:
@@ -144,6 +146,7 @@ def gather(client: MlflowClient, experiment_id: str, parent) -> Evidence:
         for r in store.latest_attempts(client, experiment_id, parent_id).values()
     ]
     best = store.latest_best(client, experiment_id, parent_id, finished=True)
+    latest = store.latest_best(client, experiment_id, parent_id)
     retrains = (
         []
         if best is None
@@ -157,7 +160,9 @@ def gather(client: MlflowClient, experiment_id: str, parent) -> Evidence:
     winner_id = best.data.tags.get("lenet_sweep.winner_run_id") if best else None
     # The data check and Table I: the sweep's own (logged by sweeps since the report), else the winner's.
     sources = [parent_id, *([winner_id] if winner_id else []), *(r.run_id for r in retrains[:1])]
-    source, data = next(((s, d) for s in sources if _mapping(d := art.json(s, "data/summary.json"))), (None, None))
+    source, data = next(
+        ((s, d) for s in sources if (d := data_summary(art.json(s, "data/summary.json")))), (None, None)
+    )
     if data and not data.get("listed"):  # older runs: count the split manifest, which lists every split
         data["listed"] = listed_counts(art.csv(source, "data/split_manifest.csv"), data.get("classes") or [])
     packages = next(
@@ -182,12 +187,73 @@ def gather(client: MlflowClient, experiment_id: str, parent) -> Evidence:
         skipped=art.csv(source, "data/skipped_files.csv") if source else [],
         packages=packages,
         candidates=art.csv(best_id, "best/candidates.csv") if best_id else [],
-        confusion=_mapping(art.json(best_id, "evaluation/confusion_matrix.json"), "matrix", "classes")
-        if best_id
-        else None,
+        confusion=confusion_matrix(art.json(best_id, "evaluation/confusion_matrix.json")) if best_id else None,
         predictions=art.csv(best_id, "evaluation/test_predictions.csv") if best_id else [],
         sample_images=next((b for b in (art.raw(s, "plots/sample_images.png") for s in sources) if b), None),
         data_root=(winner.params.get("data.resolved_root") or winner.value("data.root")) if winner else None,
+        cut_off=latest if latest is not None and latest.info.status != "FINISHED" else None,
+    )
+
+
+# ---- files as the report reads them: what does not have the shape this version writes reads as absent -------
+
+
+def data_summary(value: Any) -> Optional[dict]:
+    """data/summary.json: its classes and their names, and per split one count per class (splits of another
+    shape, as an older or damaged file holds them, are left out); None without a list of classes."""
+    classes = value.get("classes") if isinstance(value, dict) else None
+    if not isinstance(classes, list) or not classes:
+        return None
+    names = value.get("names")
+
+    def per_split(counts: Any) -> dict[str, list[int]]:
+        if not isinstance(counts, dict):
+            return {}
+        return {
+            split: [int(n) for n in row]
+            for split, row in counts.items()
+            if split in D.SPLITS and isinstance(row, list) and len(row) == len(classes) and all(map(_count, row))
+        }
+
+    return {
+        "classes": [str(c) for c in classes],
+        "names": [str(n) for n in (names if isinstance(names, list) and len(names) == len(classes) else classes)],
+        "counts": per_split(value.get("counts")),
+        "listed": per_split(value.get("listed")),
+        "skipped": int(value["skipped"]) if _count(value.get("skipped")) else 0,
+    }
+
+
+def confusion_matrix(value: Any) -> Optional[dict]:
+    """evaluation/confusion_matrix.json: a square matrix of counts, one row and column per class, and the
+    classes' names (their ids where the names do not match them); None for a file of any other shape."""
+    if not _mapping(value, "matrix", "classes"):
+        return None
+    classes, matrix, names = value["classes"], value["matrix"], value.get("names")
+    square = (
+        isinstance(classes, list)
+        and classes
+        and isinstance(matrix, list)
+        and len(matrix) == len(classes)
+        and all(isinstance(row, list) and len(row) == len(classes) and all(map(_count, row)) for row in matrix)
+    )
+    if not square:
+        return None
+    return {
+        "classes": [str(c) for c in classes],
+        "names": [str(n) for n in (names if isinstance(names, list) and len(names) == len(classes) else classes)],
+        "matrix": [[int(n) for n in row] for row in matrix],
+    }
+
+
+def _count(value: Any) -> bool:
+    """Whether a JSON value is a count (a whole, non-negative number)."""
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+        and float(value).is_integer()
     )
 
 

@@ -121,6 +121,7 @@ def compute(ev: Evidence, cfg: DictConfig) -> dict[str, Any]:
         "continued": sum(bool(c.restarts) for c in configs),
         "collapsed_left_out": len(configs) - len(working),
         "multi_seed": _multi_seed_facts(ev),
+        "best_cut_off": _cut_off_facts(ev),
         "table_ii": _table_ii(cfg, singles),
         "table_i": _table_i(ev, cfg),
         "confusion": _confusion_facts(ev, settings.confused_pairs),
@@ -299,12 +300,17 @@ def _sweep_facts(ev: Evidence) -> dict[str, Any]:
         "killed": status.get("KILLED", 0),
         "running": status.get("RUNNING", 0),
         "executions": store.number(p.data.params.get("tuner.executions_per_trial")),
-        "seconds": p.data.metrics.get("sweep_seconds"),
+        "seconds": _finite(p.data.metrics.get("sweep_seconds")),
         "commit": p.data.tags.get("mlflow.source.git.commit"),
         "stopped_because": p.data.tags.get("stopped_because", ""),
         "patience": store.number(p.data.params.get("sweep.early_stopping_patience")),
         "seed": store.number(p.data.params.get("seed")),
     }
+
+
+def _finite(value: Optional[float]) -> Optional[float]:
+    """A recorded metric, None where it is absent or NaN (a run cut off before it had a value)."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _best_within(history: Sequence[dict], k: int) -> float:
@@ -415,15 +421,27 @@ def _multi_seed_facts(ev: Evidence) -> dict[str, Any]:
         "run_id": ev.best.info.run_id,
         "winner_trial": tags.get("lenet_sweep.winner_trial"),
         "winner_seed": tags.get("lenet_sweep.winner_seed"),
-        "test_accuracy": m.get("test_accuracy"),
-        "test_loss": m.get("test_loss"),
-        "val_mean": m.get("val_accuracy_mean"),
-        "val_std": m.get("val_accuracy_std"),
+        "test_accuracy": _finite(m.get("test_accuracy")),
+        "test_loss": _finite(m.get("test_loss")),
+        "val_mean": _finite(m.get("val_accuracy_mean")),
+        "val_std": _finite(m.get("val_accuracy_std")),
         "candidates": rows,
         "optimism": stats(r["sweep_val_accuracy"] - r["mean"] for r in rows),
         "seeds": ev.best.data.params.get("best.seeds"),
         # trials that ended after `best` started: the sweep went on, and `best` did not see them
         "stale": sum(t.ended > (ev.best.info.start_time or 0) for t in ev.trials),
+    }
+
+
+def _cut_off_facts(ev: Evidence) -> dict[str, Any]:
+    """The latest `best` run if it did not finish: its id, status and why it ended ({} without one)."""
+    if ev.cut_off is None:
+        return {}
+    reason = ev.cut_off.data.tags.get("failure_reason", "")
+    return {
+        "run_id": ev.cut_off.info.run_id,
+        "status": ev.cut_off.info.status,
+        "reason": reason.splitlines()[0][:200] if reason else "",
     }
 
 

@@ -167,10 +167,20 @@ def turning_sentences(facts: dict) -> list[str]:
 
 
 def winner_sentences(facts: dict) -> list[str]:
-    """The winner over seeds and its one test evaluation, or that `best` has not run."""
-    ms = facts["multi_seed"]
+    """The winner over seeds and its one test evaluation, or that `best` has not run (or did not finish)."""
+    ms, cut = facts["multi_seed"], facts["best_cut_off"]
+    resume = (
+        [
+            f"the latest `best` run, {cut['run_id']}, ended {cut['status']} before it finished"
+            + (f" ({cut['reason']})" if cut["reason"] else "")
+            + ": rerun `python -m lenet_sweep.best` with the same settings to resume it (its finished "
+            "retrainings are kept)"
+        ]
+        if cut
+        else []
+    )
     if not ms:
-        return [
+        return resume or [
             "no `best` run for this sweep yet: `python -m lenet_sweep.best` chooses, confirms over seeds "
             "and tests the winner once"
         ]
@@ -185,7 +195,7 @@ def winner_sentences(facts: dict) -> list[str]:
             f"the sweep's one-seed scores of the retrained configurations were "
             f"{ms['optimism']['mean']:+.4f} above their means over new seeds (n={ms['optimism']['n']})"
         )
-    return out
+    return out + resume
 
 
 def _left_out(facts: dict) -> str:
@@ -641,7 +651,10 @@ def misclassified_grid(ev: Evidence, n: int, columns: int) -> tuple[Optional[Fig
     for row in wrong:
         if len(images) == n:
             break
-        path = Path(row.get("path", ""))
+        if not row.get("path"):  # a row cut short: no file to show
+            missing += 1
+            continue
+        path = Path(row["path"])
         if not path.is_absolute() and ev.data_root:
             path = Path(ev.data_root).expanduser() / path
         try:

@@ -89,19 +89,51 @@ class Artifacts:
         """A run's training config as a plain dict: its config.yaml, else rebuilt from its params (keys an
         older run did not record are left out)."""
         logged = self.yaml(run.info.run_id, CONFIG)
-        if logged is not None:
+        if logged:  # an empty config.yaml is a run cut off while logging it: its params know more
             return logged
         return _present(OmegaConf.to_container(config_from_params(run.data.params), enum_to_str=True))
 
     def train_config(self, run) -> DictConfig:
-        """A run's training config typed by the schema, ready to train again."""
+        """A run's training config typed by the schema, ready to train again. Its `mlflow` group (where it
+        logged) may be unrecorded: runs before config.yaml never logged it as params, and whoever trains
+        again says where the new run logs."""
         try:
-            return typed_train_config(self.config(run))
+            tree = self.config(run)
+        except UserError as err:  # params an older or newer version logged
+            raise UserError(f"run {run.info.run_id}: {err}; use the version that recorded it") from None
+        try:
+            typed = typed_train_config(tree, partial=True)
         except OmegaConfBaseException as err:
             raise UserError(
                 f"run {run.info.run_id}'s recorded config does not fit this version of lenet_sweep: "
-                f"{str(err).splitlines()[0]}"
+                f"{str(err).splitlines()[0]}; use the version that recorded it, or run it again with this one"
             ) from None
+        missing = sorted(k for k in OmegaConf.missing_keys(typed) if not k.startswith("mlflow."))
+        if missing:
+            raise UserError(
+                f"run {run.info.run_id} recorded no {', '.join(missing[:5])}"
+                f"{f' (and {len(missing) - 5} more)' if len(missing) > 5 else ''}: an older lenet_sweep logged "
+                "it, and it cannot be trained again as it was; run it again with this version"
+            )
+        return typed
+
+
+def no_scored_trial(parent, statuses: Sequence[str]) -> str:
+    """Why sweep `parent` has nothing to report or choose from, and what to do, from the statuses of its
+    trials' latest attempts."""
+    name = parent.data.tags.get("lenet_sweep.sweep")
+    what = ", ".join(f"{statuses.count(s)} {s}" for s in sorted(set(statuses))) or "none recorded"
+    if statuses and set(statuses) <= {"FAILED", "FINISHED"}:  # it ended: resuming it would add nothing
+        todo = (
+            "each failed or scored no epoch (see the failed trials' failure_reason tag in MLflow): run a sweep "
+            "with other settings"
+        )
+    else:
+        todo = "run or resume the sweep first"
+    return (
+        f"sweep {name!r} (MLflow run {parent.info.run_id}) has no finished trial with a validation score "
+        f"(trials: {what}): {todo}"
+    )
 
 
 def _present(tree: dict[str, Any]) -> dict[str, Any]:
@@ -154,7 +186,7 @@ def config_from_params(params: Mapping[str, str]) -> DictConfig:
         else:
             try:
                 value = ast.literal_eval(text)  # params are str(value): 0.001, [32, 64], True
-            except (ValueError, SyntaxError):
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):  # not a literal: text
                 value = text
         node = tree
         for part in path[:-1]:

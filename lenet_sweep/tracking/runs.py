@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from lenet_sweep import plots
+from lenet_sweep.errors import place_message
 from lenet_sweep.tracking.store import redact
 
 if TYPE_CHECKING:
@@ -60,6 +61,22 @@ def end_killed(client: MlflowClient, run_id: str, reason: str) -> None:
     """End a run its process can no longer end (it died) KILLED, saying why."""
     client.set_tag(run_id, "failure_reason", reason)
     client.set_terminated(run_id, "KILLED")
+
+
+def recorded_epochs(client: MlflowClient, run_id: str, prefix: str = "", first: int = 1) -> list[dict[str, float]]:
+    """The per-epoch rows a run logged so far (steps first, first + 1, ... up to the first missing one),
+    from its metric histories: what a resumed training carries on from. Metrics named `prefix`+name only."""
+    by_step: dict[int, dict[str, float]] = {}
+    for key in client.get_run(run_id).data.metrics:
+        if not key.startswith(prefix) or (not prefix and key.startswith("execution")):
+            continue
+        for metric in client.get_metric_history(run_id, key):
+            if metric.step >= 1:
+                by_step.setdefault(metric.step, {})[key[len(prefix) :]] = metric.value
+    rows = []
+    while first + len(rows) in by_step:
+        rows.append(by_step[first + len(rows)])
+    return rows
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -129,7 +146,7 @@ def tracked_run(**start_run_args):
             mlflow.end_run("KILLED")
             raise
         except Exception as err:
-            mlflow.set_tag("failure_reason", f"{type(err).__name__}: {err}"[:4000])
+            mlflow.set_tag("failure_reason", (place_message(err) or f"{type(err).__name__}: {err}")[:4000])
             mlflow.end_run("FAILED")
             raise
 

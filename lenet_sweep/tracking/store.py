@@ -3,10 +3,14 @@ parent run and its trials. Light (no TensorFlow), for `ui` and `report` too."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import sys
+import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -33,6 +37,51 @@ def resolve_store(tracking_uri: Optional[str], store_dir: str) -> tuple[str, Opt
         db.parent.mkdir(parents=True, exist_ok=True)
         return tracking_uri, (db.resolve().parent / "artifacts").as_uri()
     return tracking_uri, None
+
+
+T = TypeVar("T")
+_held: dict[str, tuple[int, int]] = {}  # lock file -> (its descriptor, how many `exclusively` calls hold it)
+
+
+def exclusively(mlflow_cfg: Any, work: Callable[[], T]) -> T:
+    """Run `work` as the only command writing to a SQLite store (the embedded one included), or refuse.
+
+    SQLite takes one writer at a time: two commands logging at once fail with "database is locked" in
+    the middle of a run. A command takes the store's lock file (`<db>.lock`, an flock the kernel drops when
+    the process ends, however it ends) before it writes anything; a second command is refused at once,
+    naming the first. Servers (http, PostgreSQL behind them) take any number of writers: no lock.
+    """
+    uri, _ = resolve_store(mlflow_cfg.tracking_uri, mlflow_cfg.store_dir)
+    if urllib.parse.urlsplit(uri).scheme != "sqlite":
+        return work()
+    path = str(Path(uri.split("sqlite:///", 1)[-1]).resolve()) + ".lock"
+    if path in _held:  # this process holds it already (a command inside a command)
+        fd, depth = _held[path]
+        _held[path] = (fd, depth + 1)
+    else:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 500, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(
+                f"the MLflow store {uri} is in use by {holder}, and SQLite takes one writer at a time: wait "
+                "for it to end, give this command a store of its own (mlflow.store_dir or mlflow.tracking_uri), "
+                "or log both to a tracking server (make mlflow-server)"
+            ) from None
+        command = " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))[:300]
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} ({command}, since {time.strftime('%H:%M:%S')})".encode(), 0)
+        _held[path] = (fd, 1)
+    try:
+        return work()
+    finally:
+        fd, depth = _held.pop(path)
+        if depth > 1:
+            _held[path] = (fd, depth - 1)
+        else:
+            os.close(fd)  # closing the descriptor releases the flock
 
 
 def experiment_id(client: MlflowClient, name: str, artifact_location: Optional[str]) -> str:

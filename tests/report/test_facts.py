@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from lenet_sweep.report.evidence import Configuration, Evidence, Run, budget_of
+from lenet_sweep.report.evidence import Configuration, Evidence, Run, budget_of, confusion_matrix, data_summary
 from lenet_sweep.report.facts import by_value, configurations, family, spearman, stats
 from lenet_sweep.report.sections import dimension_sentences
 
@@ -146,3 +146,25 @@ def test_config_keys_come_from_the_config_and_fall_back_to_params():
     assert budget_of(logged) == 25 and budget_of(rebuilt) == 2
     assert family(logged) == "lenet5, 2 conv blocks" and family(rebuilt) == "lenet_search, 3 conv blocks"
     assert rebuilt.value("seed") is None and logged.value("model.filters.0") is None
+
+
+def test_files_and_metrics_of_another_shape_read_as_absent():
+    """What an older version, a damaged store or a cut-off run left is not misread as numbers."""
+    classes = ["a", "b"]
+    assert data_summary({"classes": classes, "counts": {"train": [3, 4], "val": [1], "test": "many"}}) == {
+        "classes": classes,
+        "names": classes,  # no names: the class ids
+        "counts": {"train": [3, 4]},  # splits of another shape left out
+        "listed": {},
+        "skipped": 0,
+    }
+    assert data_summary([1, 2]) is None and data_summary({"classes": []}) is None
+    square = {"classes": classes, "names": ["ant", "bee"], "matrix": [[3, 1], [0, 4]]}
+    assert confusion_matrix(square) == square
+    assert confusion_matrix(square | {"names": ["ant"]})["names"] == classes
+    for matrix in ([[3, 1], [0]], [[3, 1]], [[3, -1], [0, 4]], [[3, 0.5], [0, 4]], "none", [[3, True], [0, 4]]):
+        assert confusion_matrix(square | {"matrix": matrix}) is None, matrix
+    nan_scored = trial("0", math.nan)  # a best_val_accuracy of NaN: no epoch was scored
+    assert nan_scored.score is None
+    nan_scored.history = [{"val_accuracy": 0.4}, {"val_accuracy": math.nan}]
+    assert nan_scored.score == 0.4  # the history's best epoch, as for runs that logged no score

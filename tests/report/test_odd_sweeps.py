@@ -296,7 +296,11 @@ def test_an_odd_sweep_gets_every_section_and_says_where_evidence_is_missing(case
 
 def test_a_sweep_whose_trials_all_failed_is_refused_with_a_clear_message(tmp_path):
     uri = fabricate(tmp_path, ["dense_1"], [Trial({"dense_1": 8}, score=None, status="FAILED", epochs=1)] * 2)
-    with pytest.raises(UserError, match=r"sweep 'odd' \(MLflow run \w+\) has no finished trial yet"):
+    with pytest.raises(
+        UserError,
+        match=r"sweep 'odd' \(MLflow run \w+\) has no finished trial with a validation score \(trials: 2 FAILED\): "
+        r"each failed .* run a sweep with other settings",
+    ):
         make_report(report_config(uri, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
