@@ -40,8 +40,9 @@ def place_errno(err: BaseException) -> Optional[int]:
 
 
 def trouble(code: int) -> str:
-    """What went wrong, in the C library's words: "no space left on device", "read-only file system"."""
-    return os.strerror(code).lower()
+    """What went wrong, in the C library's words and on what: "no space left on device writing",
+    "read-only file system writing", "permission denied accessing" (a read can be refused too)."""
+    return os.strerror(code).lower() + (" accessing" if code in (errno.EACCES, errno.EPERM) else " writing")
 
 
 def failed_path(err: BaseException) -> Optional[str]:
@@ -78,7 +79,7 @@ def _mlflow_place(chain: list[BaseException]) -> Optional[tuple[str, str]]:
 
 def unwritable(code: int, what: str, where: object, advice: str) -> UserError:
     """The one line for a failed write to a place a knob names: what went wrong, where, what to do."""
-    return UserError(f"{trouble(code)} writing {what} at {where}: {advice}")
+    return UserError(f"{trouble(code)} {what} at {where}: {advice}")
 
 
 def _chain(err: Optional[BaseException]) -> list[BaseException]:
@@ -125,11 +126,11 @@ def place_message(err: BaseException) -> Optional[str]:
         advice = "free space there (or make it writable), or give the command another folder"
     else:
         advice = "free space on the full file system (`df -h` shows which), or give the command other folders"
-    line = f"{trouble(code)} writing {where}: {advice}"
+    line = f"{trouble(code)} {where}: {advice}"
     told = {where}
     for later in reversed(segments[:-1]):
         other = _where(later)[0]
         if other not in told:  # the same place failing again while cleaning up adds nothing
             told.add(other)
-            line += f"; then {trouble(place_errno(later[-1]))} writing {other} too, while handling it"
+            line += f"; then {trouble(place_errno(later[-1]))} {other} too, while handling it"
     return line

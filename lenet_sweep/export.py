@@ -93,18 +93,19 @@ def check_target(folder: str | os.PathLike | None, overwrite: bool) -> Path:
 
 
 def _clean_up_after_a_kill(target: Path) -> None:
-    """Undo what a `write` killed mid-way left beside `target` (its process is gone): the previous export
-    set aside as `.NAME.old-PID` goes back if the new one never arrived; a half-built `.NAME.partial-PID`
-    is removed."""
+    """Undo what a `write` killed mid-way left beside `target`: the previous export set aside as
+    `.NAME.old-PID` goes back if the new one never arrived (whatever became of PID: after a reboot the
+    number may be another process's); a half-built `.NAME.partial-PID` of a process that is gone is
+    removed."""
     if not target.parent.is_dir():
         return
     for leftover in sorted(target.parent.iterdir()):
         stem, _, pid = leftover.name.rpartition("-")
-        if stem not in (f".{target.name}.old", f".{target.name}.partial") or not pid.isdigit() or _alive(int(pid)):
+        if stem not in (f".{target.name}.old", f".{target.name}.partial") or not pid.isdigit():
             continue
         if stem.endswith(".old") and not target.exists():
             leftover.rename(target)
-        else:
+        elif not _alive(int(pid)):
             shutil.rmtree(leftover, ignore_errors=True)
 
 

@@ -6,6 +6,7 @@ every training takes; `main` is the Hydra entry point.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -118,72 +119,84 @@ def train_and_log(
             },
         }
     )
-    with tracked_run(**start) as run:
-        run_id = run.info.run_id
-        client = MlflowClient(mlflow.get_tracking_uri())
-        title = f"{cfg.model.name} ({cfg.optimizer.name})"
-        tracking = trial.Tracking(client, run_id, title=title)
-        backup = Path(backups).expanduser().resolve() / run_id if backups is not None else None
-        if resume_run_id:
-            first = trial.resume_point(backup)
-            recorded = recorded_epochs(client, run_id)
-            if len(recorded) < first:
-                raise UserError(
-                    f"run {run_id}'s backup {backup} is at epoch {first} but the run holds {len(recorded)} "
-                    "epochs: rerun without train.resume=true to start a new run"
+    backup = None
+    with contextlib.ExitStack() as hold:
+        if resume_run_id and backups is not None:
+            # Before the run is touched: the cut-off run may still be training in another process.
+            where = MlflowClient(mlflow.get_tracking_uri()).get_run(resume_run_id).data.tags["lenet_sweep.backup"]
+            backup = hold.enter_context(trial.holding(Path(where)))
+        with tracked_run(**start) as run:
+            run_id = run.info.run_id
+            client = MlflowClient(mlflow.get_tracking_uri())
+            title = f"{cfg.model.name} ({cfg.optimizer.name})"
+            tracking = trial.Tracking(client, run_id, title=title)
+            if resume_run_id:
+                _carry_on(tracking, run, backup, cfg.train.epochs, print_fn)
+            else:
+                if backups is not None:  # a new run: its backup folder is named after it
+                    backup = hold.enter_context(trial.holding(Path(backups).expanduser().resolve() / run_id))
+                    mlflow.set_tag("lenet_sweep.backup", str(backup))
+                mlflow.log_params(params)
+                mlflow.log_metrics(
+                    {f"n_{split}": len(d.labels) for split, d in prepared.decoded.items()}
+                    | {"skipped_files": len(prepared.skipped)}
                 )
-            tracking.resumed, tracking.logged = recorded[:first], len(recorded)
-            mlflow.set_tag("lenet_sweep.resumed_at_epoch", first)
-            if "failure_reason" in run.data.tags:  # the cut-off's reason; it goes on now
-                mlflow.delete_tag("failure_reason")
-            if print_fn:
-                print_fn(f"resuming MLflow run {run_id} after epoch {first} of {cfg.train.epochs} (backup {backup})")
-        else:
-            if backup is not None:
-                mlflow.set_tag("lenet_sweep.backup", str(backup))
-            mlflow.log_params(params)
-            mlflow.log_metrics(
-                {f"n_{split}": len(d.labels) for split, d in prepared.decoded.items()}
-                | {"skipped_files": len(prepared.skipped)}
-            )
-            mlflow.log_text(config_yaml(cfg), CONFIG)
-            log_data_check(prepared, cfg.train.sample_grid, cfg.seed)
+                mlflow.log_text(config_yaml(cfg), CONFIG)
+                log_data_check(prepared, cfg.train.sample_grid, cfg.seed)
 
-        started = time.perf_counter()
-        fitted = trial.fit(
-            cfg,
-            model,
-            prepared,
-            seed=cfg.seed,
-            tracking=tracking,
-            print_fn=print_fn,
-            patience=patience,
-            keep_best=keep_best,
-            callbacks=callbacks,
-            verbose=trial.keras_verbose(cfg.train.keras_verbose),
-            backup=backup,
+            started = time.perf_counter()
+            fitted = trial.fit(
+                cfg,
+                model,
+                prepared,
+                seed=cfg.seed,
+                tracking=tracking,
+                print_fn=print_fn,
+                patience=patience,
+                keep_best=keep_best,
+                callbacks=callbacks,
+                verbose=trial.keras_verbose(cfg.train.keras_verbose),
+                backup=backup,
+            )
+            seconds = time.perf_counter() - started
+            history = fitted.rows
+
+            test_loss = test_accuracy = confusion = None
+            if test:
+                tested = trial.evaluate_on_test(model, prepared.decoded["test"], cfg.train.batch_size, num_classes)
+                test_loss, test_accuracy, confusion = tested.loss, tested.accuracy, tested.confusion
+                mlflow.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy})
+            tp = plots.turning_point(history)
+            diverged = any(not math.isfinite(row.get("loss", 0.0)) for row in history)
+            mlflow.log_metrics({"turning_point_epoch": tp, "train_seconds": seconds, "epochs_run": len(history)})
+            _log_outputs(cfg, prepared, model, history, confusion, title)
+            if diverged:
+                mlflow.set_tag(
+                    "failure_reason",
+                    f"loss became NaN/inf in epoch {len(history)}; training was stopped "
+                    "(lower optimizer.learning_rate)",
+                )
+                mlflow.end_run("FAILED")  # the `with` then leaves the ended run as it is
+        if backup is not None:  # the run has ended: nothing is left to resume
+            shutil.rmtree(backup, ignore_errors=True)
+        return RunResult(run_id, history, test_loss, test_accuracy, tp, confusion, seconds, diverged, model)
+
+
+def _carry_on(tracking: trial.Tracking, run, backup: Optional[Path], epochs: int, print_fn: Optional[Progress]) -> None:
+    """Set a resumed run's tracking to go on after its backup's epoch, from the epochs the run logged."""
+    first = trial.resume_point(backup)
+    logged = recorded_epochs(tracking.client, tracking.run_id)
+    if len(logged) < first:
+        raise UserError(
+            f"run {tracking.run_id}'s backup {backup} is at epoch {first} but the run holds {len(logged)} "
+            "epochs: rerun without train.resume=true to start a new run"
         )
-        seconds = time.perf_counter() - started
-        history = fitted.rows
-
-        test_loss = test_accuracy = confusion = None
-        if test:
-            tested = trial.evaluate_on_test(model, prepared.decoded["test"], cfg.train.batch_size, num_classes)
-            test_loss, test_accuracy, confusion = tested.loss, tested.accuracy, tested.confusion
-            mlflow.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy})
-        tp = plots.turning_point(history)
-        diverged = any(not math.isfinite(row.get("loss", 0.0)) for row in history)
-        mlflow.log_metrics({"turning_point_epoch": tp, "train_seconds": seconds, "epochs_run": len(history)})
-        _log_outputs(cfg, prepared, model, history, confusion, title)
-        if diverged:
-            mlflow.set_tag(
-                "failure_reason",
-                f"loss became NaN/inf in epoch {len(history)}; training was stopped (lower optimizer.learning_rate)",
-            )
-            mlflow.end_run("FAILED")  # the `with` then leaves the ended run as it is
-    if backup is not None:  # the run has ended: nothing is left to resume
-        shutil.rmtree(backup, ignore_errors=True)
-    return RunResult(run_id, history, test_loss, test_accuracy, tp, confusion, seconds, diverged, model)
+    tracking.resumed, tracking.logged = logged[:first], len(logged)
+    mlflow.set_tag("lenet_sweep.resumed_at_epoch", first)
+    if "failure_reason" in run.data.tags:  # the cut-off's reason; it goes on now
+        mlflow.delete_tag("failure_reason")
+    if print_fn:
+        print_fn(f"resuming MLflow run {tracking.run_id} after epoch {first} of {epochs} (backup {backup})")
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -197,14 +210,17 @@ def config_hash(cfg: DictConfig) -> str:
 
 
 def cut_off_run(client: MlflowClient, experiment_id: str, cfg: DictConfig):
-    """The latest run of this config (`config_hash`) if the process that ran it died before it ended
-    (RUNNING, KILLED, or FAILED with its backup still there); None if that run finished or there is none."""
+    """The latest `train` run of this config (`config_hash`) that backed up, if the process that ran it died
+    before it ended (RUNNING, KILLED, or FAILED with its backup still there); None if that run finished or
+    there is none. (`best`'s retrainings share the config hash but keep no backup: never theirs.)"""
     query = f"tags.`lenet_sweep.kind` = 'train' and tags.`lenet_sweep.config_hash` = '{config_hash(cfg)}'"
     runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         return None
     run, backup = runs[0], runs[0].data.tags.get("lenet_sweep.backup")
-    if run.info.status in ("RUNNING", "KILLED") or (backup and Path(backup).exists()):
+    if backup is None or run.info.status == "FINISHED":  # not a backed-up `train` run, or it ended well
+        return None
+    if run.info.status in ("RUNNING", "KILLED") or Path(backup).exists():
         return run
     return None
 

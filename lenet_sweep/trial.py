@@ -8,6 +8,8 @@ curves, progress, early stopping, best-epoch weights, the per-epoch backup a kil
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -214,6 +216,37 @@ def resume_point(folder: Optional[Path]) -> int:
     return int(json.loads(metadata.read_text())["epoch"]) if metadata.exists() else 0
 
 
+@contextlib.contextmanager
+def holding(folder: Path):
+    """Hold `folder`'s lock file (created, with the folder, if missing) while a training backs up there;
+    a second process wanting it (a resume while the run still trains elsewhere) gets a UserError. The
+    kernel drops the lock when its process ends, however it ends."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"the training backed up in {folder} is still running in another process: let it finish, "
+                "or stop it first"
+            ) from None
+        yield folder
+    finally:
+        os.close(fd)
+
+
+def _durable(*paths: Path) -> None:
+    # Written files and renamed entries reach the disk before the backup counts, so a power cut leaves
+    # the last complete backup rather than an empty file under its name.
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _seed_states(model: keras.Model) -> list:
     # Dropout, flips and shifts draw from SeedGenerators whose state Keras does not save with the weights.
     return [v for v in model.variables if v.path.endswith("seed_generator_state")]
@@ -238,11 +271,13 @@ class Backup(keras.callbacks.BackupAndRestore):
         np.savez(saving / "seeds.npz", *[v.numpy() for v in _seed_states(self.model)])
         metadata = {"epoch": self._current_epoch, "batch": self._last_batch_seen}
         (saving / Path(self._training_metadata_path).name).write_text(json.dumps(metadata))
+        _durable(*saving.iterdir(), saving)
         old = self.folder / f"{BACKUP_STATE}.old"
         shutil.rmtree(old, ignore_errors=True)
         if state.exists():
             os.rename(state, old)
         os.rename(saving, state)
+        _durable(self.folder)
         shutil.rmtree(old, ignore_errors=True)
 
     def _load_model(self):

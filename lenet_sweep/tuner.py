@@ -90,8 +90,9 @@ class TrialModel(kt.HyperModel):
         resumed = self.tracking.resumed if self.tracking else []
         for callback in callbacks:
             if isinstance(callback, SaveBestEpoch) and resumed:
-                # KerasTuner's best-epoch checkpoint of the epochs before the resume is on disk: carry its bar.
-                callback.best_value = max(row.get(OBJECTIVE, -math.inf) for row in resumed)
+                # KerasTuner's best-epoch checkpoint of the epochs before the resume is on disk: carry its
+                # bar (one callback serves all of a trial's executions: never lower what an earlier one set).
+                callback.best_value = max(callback.best_value, *(row.get(OBJECTIVE, -math.inf) for row in resumed))
         fitted = T.fit(
             cfg,
             model,
@@ -244,6 +245,25 @@ class TrialTracking:
         worker = f"-{self.context.worker_id}" if self.context.worker_id else ""
         return Path(self.get_trial_dir(trial_id)) / f"backup{worker}"
 
+    def _drop_backups(self, trial_id: str) -> None:
+        """Remove the trial's backups, every worker's (an ended trial is resumed by no one)."""
+        for folder in Path(self.get_trial_dir(trial_id)).glob("backup*"):
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _resumable(self, trial, latest) -> Optional[Any]:
+        """The trial's cut-off MLflow run if this process can go on with it from its backup: the run was
+        this worker's (a worker resumes only its own backups), and it holds every epoch the backup has."""
+        if latest is None or latest.info.status not in ("KILLED", "RUNNING"):
+            return None
+        if latest.data.tags.get("lenet_sweep.worker", "") != self.context.worker_id:
+            return None
+        done = T.resume_point(self.backups(trial.trial_id) / "execution0")
+        initial = int(trial.hyperparameters.values.get("tuner/initial_epoch", 0))
+        if done <= initial:
+            return None
+        client = MlflowClient(mlflow.get_tracking_uri())
+        return latest if len(recorded_epochs(client, latest.info.run_id, first=initial + 1)) >= done - initial else None
+
     def run_trial(self, trial, *args, **kwargs):
         if not isinstance(self.oracle, distributed.WorkerOracle):
             return self._run_tracked(trial, *args, **kwargs)
@@ -262,14 +282,15 @@ class TrialTracking:
         recorded = next((run for run in attempts if run.info.status == "FINISHED"), None)
         if recorded is not None:
             # Finished and logged, but the process ended before KerasTuner saved it: reuse, don't retrain.
+            self._drop_backups(trial.trial_id)
             m = recorded.data.metrics
             self.last_score = m.get(f"best_{OBJECTIVE}", float("nan"))
             return {k[len("best_") :]: v for k, v in m.items() if k.startswith("best_") and k != "best_epoch"}
         self._fits = []
         reason = ""
         backups = self.backups(trial.trial_id)
-        cut = attempts[-1] if attempts and attempts[-1].info.status in ("KILLED", "RUNNING") else None
-        self._continuing = cut is not None and T.resume_point(backups / "execution0") > 0
+        cut = self._resumable(trial, attempts[-1] if attempts else None)
+        self._continuing = cut is not None
         if not self._continuing:  # a new attempt starts from the trial's first epoch
             shutil.rmtree(backups, ignore_errors=True)
         if self.context.worker_id and self.context.print_fn:
@@ -327,11 +348,13 @@ class TrialTracking:
                         mlflow.set_tag("failure_reason", reason)
                         mlflow.end_run("FAILED")  # the `with` then leaves the ended run as it is
         except (kt.errors.FailedTrialError, kt.errors.FatalError):
+            self._drop_backups(trial.trial_id)
             raise
         except Exception as err:  # recorded FAILED by tracked_run; KerasTuner must not retry it
+            self._drop_backups(trial.trial_id)
             self.last_reason = one_line(f"{type(err).__name__}: {err}")
             raise kt.errors.FailedTrialError(self.last_reason) from err
-        shutil.rmtree(backups, ignore_errors=True)  # the trial's run has ended: nothing is left to resume
+        self._drop_backups(trial.trial_id)  # the trial's run has ended: nothing is left to resume
         if reason or lost:
             self.last_reason = reason or lost  # a lost trial's end report is ignored by the chief
             raise kt.errors.FailedTrialError(self.last_reason)

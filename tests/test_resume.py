@@ -12,11 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, compose_config, compose_sweep, make_image_folder, run_cli, sweep_overrides
+from lenet_sweep import trial
 from lenet_sweep.errors import UserError
 from lenet_sweep.tracking.store import exclusively
 from lenet_sweep.trial import BACKUP_STATE, resume_point
@@ -24,9 +26,10 @@ from lenet_sweep.trial import BACKUP_STATE, resume_point
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 
-def kill_when(command: list[str], backup_glob: str, root: Path, epochs: int, limit: float = 300) -> int:
+def kill_when(command: list[str], backup_glob: str, root: Path, epochs: int, limit: float = 300) -> tuple[int, Path]:
     """Start `python -m COMMAND`, kill -9 it once a backup under `root` matching `backup_glob` has `epochs`
-    epochs; return the epoch it was killed after. The process group dies in any case."""
+    epochs; return (the epochs backed up when it died, that backup's folder). The process group dies in
+    any case."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"TF_CPP_MIN_LOG_LEVEL": "2"}
     proc = subprocess.Popen(
         [sys.executable, "-m", *command],
@@ -47,7 +50,8 @@ def kill_when(command: list[str], backup_glob: str, root: Path, epochs: int, lim
                 if done >= epochs:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait(30)
-                    return done
+                    folder = metadata.parent.parent
+                    return resume_point(folder), folder  # (another epoch may have ended before the kill)
             time.sleep(0.01)
         output = proc.stdout.read().decode(errors="replace") if proc.poll() is not None else ""
         pytest.fail(f"no backup of {epochs} epochs appeared (exit {proc.poll()}): {output[-2000:]}")
@@ -90,7 +94,9 @@ def test_killed_train_resumes_from_its_last_epoch_in_the_same_run(folder, tmp_pa
     ]
     reference = run_one(compose_config("train", [*args, "mlflow.experiment=reference"]))
 
-    killed_after = kill_when(["lenet_sweep.train", *args, "mlflow.experiment=e"], "backups/*/state/*.json", tmp_path, 4)
+    killed_after, _ = kill_when(
+        ["lenet_sweep.train", *args, "mlflow.experiment=e"], "backups/*/state/*.json", tmp_path, 4
+    )
     client = MlflowClient(store)
     (cut,) = client.search_runs([client.get_experiment_by_name("e").experiment_id])
     assert cut.info.status == "RUNNING"  # what kill -9 leaves; the resumed command takes it over
@@ -110,6 +116,53 @@ def test_killed_train_resumes_from_its_last_epoch_in_the_same_run(folder, tmp_pa
     assert not (tmp_path / "backups" / run.info.run_id).exists()  # removed once the run ended
 
 
+class DiesAfterLogging(keras.callbacks.Callback):
+    """Raises at the end of epoch `at` (1-based) after the MLflow logger logged it, before the backup."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at = at
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.at:
+            raise RuntimeError("died between logging an epoch and backing it up")
+
+
+def test_an_epoch_logged_but_not_backed_up_is_trained_again_and_kept_once(folder, tmp_path):
+    from lenet_sweep.data import prepare_data
+    from lenet_sweep.tracking.store import open_store
+    from lenet_sweep.train import cut_off_run, train_and_log
+
+    cfg = compose_config(
+        "train",
+        [
+            f"data.root={folder}",
+            "train.epochs=5",
+            "train.batch_size=8",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db",
+        ],
+    )
+    prepared = prepare_data(cfg.data, cfg.model.input_size, cfg.seed)
+    experiment = open_store(cfg.mlflow)
+    backups = tmp_path / "backups"
+    reference = train_and_log(cfg, prepared, experiment, backups=backups)
+    with pytest.raises(RuntimeError, match="between logging"):
+        train_and_log(cfg, prepared, experiment, backups=backups, callbacks=[DiesAfterLogging(3)])
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    cut = cut_off_run(client, experiment, cfg)  # FAILED, its backup (2 epochs) kept; 3 epochs logged
+    assert cut.info.status == "FAILED" and resume_point(Path(cut.data.tags["lenet_sweep.backup"])) == 2
+
+    with trial.holding(Path(cut.data.tags["lenet_sweep.backup"])):  # as if it still trained elsewhere
+        with pytest.raises(UserError, match="still running in another process"):
+            train_and_log(cfg, prepared, experiment, backups=backups, resume_run_id=cut.info.run_id)
+    assert client.get_run(cut.info.run_id).info.status == "FAILED"  # refused before the run was touched
+
+    resumed = train_and_log(cfg, prepared, experiment, backups=backups, resume_run_id=cut.info.run_id)
+    assert resumed.run_id == cut.info.run_id and client.get_run(cut.info.run_id).info.status == "FINISHED"
+    assert_same_epochs(epoch_history(client, cut.info.run_id), epoch_history(client, reference.run_id), 5)
+    assert cut_off_run(client, experiment, cfg) is None  # it finished: nothing left to resume
+
+
 def test_a_backup_cut_off_between_its_renames_is_still_found(tmp_path):
     old = tmp_path / f"{BACKUP_STATE}.old"
     old.mkdir()
@@ -126,7 +179,10 @@ def test_killed_sweep_goes_on_with_its_trial_from_the_last_epoch(folder, tmp_pat
     reference = sweep.run_sweep(*compose_sweep(sweep_overrides(folder, tmp_path / "ref", store, *more, name="ref")))
 
     args = sweep_overrides(folder, tmp_path, store, *more, name="cut")
-    killed_after = kill_when(["lenet_sweep.sweep", *args], "state/cut/trial_0/backup/*/state/*.json", tmp_path, 3)
+    killed_after, folder = kill_when(
+        ["lenet_sweep.sweep", *args], "state/cut/trial_*/backup/*/state/*.json", tmp_path, 3
+    )
+    killed_trial = folder.parent.parent.name.removeprefix("trial_")
     started = time.monotonic()
     result = run_cli(["lenet_sweep.sweep", *args])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -142,8 +198,8 @@ def test_killed_sweep_goes_on_with_its_trial_from_the_last_epoch(folder, tmp_pat
         assert epochs == client.get_run(row["run_id"]).data.metrics["epochs_run"]
         assert_same_epochs(epoch_history(client, run.info.run_id), epoch_history(client, row["run_id"]), epochs)
         assert run.data.metrics["best_val_accuracy"] == pytest.approx(row["val_accuracy"], rel=1e-6)
-    first = client.search_runs([experiment], "tags.`lenet_sweep.sweep` = 'cut' and tags.`lenet_sweep.trial_id` = '0'")
-    assert first[0].data.tags["lenet_sweep.resumed_at_epoch"] == str(killed_after)
+    query = f"tags.`lenet_sweep.sweep` = 'cut' and tags.`lenet_sweep.trial_id` = '{killed_trial}'"
+    assert client.search_runs([experiment], query)[0].data.tags["lenet_sweep.resumed_at_epoch"] == str(killed_after)
     assert not list((tmp_path / "state" / "cut").glob("trial_*/backup"))  # ended trials keep no backup
     print(f"resumed sweep: {resumed_seconds:.1f}s after a kill at epoch {killed_after}")
 

@@ -154,7 +154,7 @@ def load_or_decode(
         code = place_errno(err)
         if progress:
             progress(
-                f"warning: {trouble(code) if code else err} writing the decode cache at {cache_dir}: "
+                f"warning: {trouble(code) if code else f'{err}: writing'} the decode cache at {cache_dir}: "
                 f"{split} is used from memory this run and decoded again the next; free space there, "
                 "or set data.decode_cache=null (no cache) or to another folder"
             )

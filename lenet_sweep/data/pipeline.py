@@ -11,8 +11,10 @@ def make_dataset(split: DecodedSplit, batch_size: int, shuffle: bool, seed: int 
     """Batches of (float32 images in [0, 1], int32 labels), in a new order every epoch when `shuffle`.
 
     Epoch e's order is a permutation drawn from (seed, e) alone, e read from `epoch` (an int64
-    `tf.Variable` a callback sets at each epoch's start: `trial.EpochCounter`) as each epoch's iterator
-    starts, so a training resumed at epoch e sees exactly the batches an uninterrupted one saw.
+    `tf.Variable` a callback sets as each epoch begins: `trial.EpochCounter`) as each batch is drawn, so a
+    training resumed at epoch e sees exactly the batches an uninterrupted one saw. That holds because Keras
+    starts a new iterator after `on_epoch_begin` when `fit` has no `steps_per_epoch`, as every run trains;
+    with `steps_per_epoch` (the speed benchmark's partial epochs) prefetched batches may straddle two epochs.
     Gathering each batch by index keeps one copy of the images in memory.
     """
     import tensorflow as tf
