@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -76,3 +78,25 @@ def clock(seconds: float) -> str:
     """Seconds as h:mm:ss, for progress lines."""
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def exec_server(
+    command: list[str], env: dict[str, str], host: str, port: int, holder: str, advice: str, banner: str
+) -> None:
+    """Replace this process with a server (`command`): Ctrl-C and SIGTERM then reach it (and its uvicorn)
+    directly. A taken port is refused first, naming its likely `holder` and what to do; `banner` says where
+    the server is."""
+    if not port_free(host, port):
+        raise UserError(f"port {port} on {host} is taken ({holder}?): {advice}")
+    print(banner)
+    sys.stdout.flush()
+    os.execve(sys.executable, command, env)

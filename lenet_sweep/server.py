@@ -20,7 +20,6 @@ from lenet_sweep import cli
 from lenet_sweep.config import register_configs
 from lenet_sweep.errors import UserError
 from lenet_sweep.tracking.store import redact
-from lenet_sweep.ui import port_free
 
 DATABASES = ("sqlite", "postgresql", "postgresql+psycopg", "mysql", "mssql")
 
@@ -69,18 +68,21 @@ def server_command(settings) -> tuple[list[str], dict[str, str]]:
 def serve(cfg: DictConfig) -> None:
     s = cfg.server
     command, env = server_command(s)
-    if not port_free(s.host, s.port):
-        raise UserError(f"port {s.port} on {s.host} is taken (another server?): give another, e.g. PORT={s.port + 1}")
     store = command[command.index("--backend-store-uri") + 1]
     login = f"login: {s.app_name}" if s.app_name else "no login: keep it on loopback or a private network"
-    print(
-        f"MLflow tracking server at http://{s.host}:{s.port} (runs in {redact(store)}, artifacts in "
-        f"{command[command.index('--artifacts-destination') + 1]}); {login}. Runs log to it with "
-        "mlflow.tracking_uri=http://HOST:PORT. Ctrl-C stops it."
+    cli.exec_server(
+        command,
+        env,
+        s.host,
+        s.port,
+        holder="another server",
+        advice=f"give another, e.g. PORT={s.port + 1}",
+        banner=(
+            f"MLflow tracking server at http://{s.host}:{s.port} (runs in {redact(store)}, artifacts in "
+            f"{command[command.index('--artifacts-destination') + 1]}); {login}. Runs log to it with "
+            "mlflow.tracking_uri=http://HOST:PORT. Ctrl-C stops it."
+        ),
     )
-    sys.stdout.flush()
-    # MLflow's server in place of this process: Ctrl-C and SIGTERM reach it (and its uvicorn) directly.
-    os.execve(sys.executable, command, env)
 
 
 register_configs()

@@ -7,7 +7,6 @@ own server, bound to 127.0.0.1 unless ui.host says otherwise. Env PORT moves it.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import urllib.parse
 
@@ -44,27 +43,17 @@ def server_command(cfg: DictConfig) -> tuple[list[str], str]:
     return command, f"http://{cfg.ui.host}:{cfg.ui.port}"
 
 
-def port_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
 def serve(cfg: DictConfig) -> None:
     command, url = server_command(cfg)
-    if not port_free(cfg.ui.host, cfg.ui.port):
-        raise UserError(
-            f"port {cfg.ui.port} on {cfg.ui.host} is taken (another MLflow UI?): "
-            f"give another, e.g. PORT={cfg.ui.port + 1} make ui"
-        )
-    print(f"MLflow UI for {redact(command[command.index('--backend-store-uri') + 1])} at {url} (Ctrl-C stops it)")
-    sys.stdout.flush()
-    env = {**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"}  # a file store named by the user is meant
-    # MLflow's server in place of this process: Ctrl-C and SIGTERM reach it directly.
-    os.execve(sys.executable, command, env)
+    cli.exec_server(
+        command,
+        {**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"},  # a file store named by the user is meant
+        cfg.ui.host,
+        cfg.ui.port,
+        holder="another MLflow UI",
+        advice=f"give another, e.g. PORT={cfg.ui.port + 1} make ui",
+        banner=f"MLflow UI for {redact(command[command.index('--backend-store-uri') + 1])} at {url} (Ctrl-C stops it)",
+    )
 
 
 register_configs()
