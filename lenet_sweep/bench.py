@@ -9,6 +9,11 @@ matmul GFLOP/s of NumPy and of TensorFlow, and sets the convolutional model's ac
 beside them. Each pipeline runs `bench.epochs` epochs in each of `bench.rounds` processes, alternating with
 the other pipeline, and its fastest epoch after each process's first counts; cases capped at `steps` train
 steps are extrapolated to a full epoch (all epoch timings are in the JSON output).
+
+In lenet_sweep's process it then times the bare train step: the same compiled model's Keras train function,
+called directly on a few batches held in memory as float32 tensors, for the same number of steps as an
+epoch in `fit`. `fit / bare step` is the share of the step's speed that training keeps inside `fit` (data
+feeding, callbacks, the epoch loop); the rest is what `fit` costs.
 """
 
 from __future__ import annotations
@@ -146,6 +151,47 @@ def _datasets(cfg: DictConfig, pipeline: str) -> tuple[Any, Any, int, int, int, 
     )
 
 
+BARE_BATCHES = 8  # distinct batches the bare step cycles through (float32 in memory: 50 MB at 128 px)
+
+
+def time_bare_step(model: keras.Model, split: Any, batch_size: int, steps: int, repeats: int) -> dict:
+    """Images/s of `model`'s compiled train function on batches already in memory, `steps` steps per try,
+    the fastest of `repeats` tries after a warm-up call.
+
+    The batches are the split's first, made by make_dataset as fit's are and cached once as float32 tensors;
+    each try is a fresh iterator over `steps` of them, which Keras' train function consumes
+    `steps_per_execution` steps per call, its last call stopping short as the last call of an epoch does.
+    """
+    from lenet_sweep.data import make_dataset
+
+    kept = max(1, min(BARE_BATCHES, len(split.labels) // batch_size))  # whole batches where there are any
+    cached = make_dataset(split, batch_size, shuffle=False).take(kept).cache()
+    # Same element spec (batch dimension None) as fit's dataset: the train function fit traced is reused.
+    epoch = cached.repeat().take(steps)
+    per_call = model.steps_per_execution
+    model.make_train_function()
+    warm = iter(cached.repeat())
+    # The cache is complete only once its input has been read to the end: kept + 1 steps.
+    for _ in range(math.ceil((kept + 1) / per_call)):
+        logs = model.train_function(warm)
+    float(logs["loss"])
+    timings = []
+    for _ in range(repeats):
+        iterator = iter(epoch)
+        started = time.perf_counter()
+        for _ in range(math.ceil(steps / per_call)):
+            logs = model.train_function(iterator)
+        float(logs["loss"])  # the last call's results are computed (eager calls return when they are)
+        timings.append(time.perf_counter() - started)
+    images = steps * min(batch_size, len(split.labels))  # every cached batch is whole, or the split is one
+    return {
+        "bare_steps_timed": steps,
+        "bare_step_images": images,
+        "bare_step_timings": timings,
+        "bare_step_images_per_second": images / min(timings),
+    }
+
+
 def time_case(
     container: dict, pipeline: str, steps: int | None, val_steps: int | None, epochs: int, matmul: tuple[int, int]
 ) -> dict:
@@ -204,12 +250,18 @@ def time_case(
     # machine shares its cores, and another tenant's load only ever makes an epoch slower.
     epoch_s, val_s = min(timer.epochs[1:] or timer.epochs)
     train_s = epoch_s - val_s
-    # Per-step rates scale a capped epoch up to the whole split.
-    train_images = steps * batch if steps else n_train
-    val_images = val_steps * batch if val_steps else n_val
+    # Per-step rates scale a capped epoch up to the whole split; a cap of the whole split counts its last,
+    # partial batch as it is.
+    train_images = min(steps * batch, n_train) if steps else n_train
+    val_images = min(val_steps * batch, n_val) if val_steps else n_val
     train_epoch_s = train_s * (full_steps / steps if steps else 1.0)
     val_epoch_s = val_s * (full_val_steps / val_steps if val_steps else 1.0)
     train_flops, _ = model_flops(model)
+    bare = {}
+    if pipeline == "lenet_sweep":  # as many tries as fit's timed epochs, after fit: its timings stay untouched
+        bare = time_bare_step(
+            model, train_ds.decoded["train"], batch, steps or full_steps, max(1, len(timer.epochs) - 1)
+        )
     return {
         "pipeline": pipeline,
         "input": how,
@@ -230,6 +282,7 @@ def time_case(
         "tf_matmul_gflops": tensorflow_matmul_gflops(*matmul),
         "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "(TensorFlow's default)"),
         "tensorflow": tf.__version__,
+        **bare,
     }
 
 
@@ -248,6 +301,26 @@ def _in_child(pipeline: str, *args) -> dict:
         os.environ.update(saved)
 
 
+def compose_cases(cfg: DictConfig, task_overrides: list[str]) -> list[tuple[Any, dict]]:
+    """(case, its resolved train config) for each of `cfg.bench.cases`: conf/train.yaml with the command
+    line's non-bench overrides, then the case's model, optimizer and input size. Needs Hydra initialised."""
+    shared = [o for o in task_overrides if not o.lstrip("+~").startswith("bench")]
+    cases = []
+    for case in cfg.bench.cases:
+        overrides = [*shared, f"model={case.model}", f"optimizer={case.optimizer}"]
+        if case.input_size:
+            overrides.append(f"model.input_size={case.input_size}")
+        try:
+            case_cfg = hydra.compose(config_name="train", overrides=overrides)
+        except HydraException as err:
+            raise UserError(
+                f"the bench case {case.model}/{case.optimizer} cannot take these overrides: {str(err).splitlines()[0]}"
+            ) from None
+        check(case_cfg)
+        cases.append((case, OmegaConf.to_container(case_cfg, resolve=True)))
+    return cases
+
+
 def run_bench(cfg: DictConfig, task_overrides: list[str]) -> dict:
     """Time every case with both pipelines; return all numbers (see `format_report`)."""
     if not cfg.data.root:
@@ -258,19 +331,7 @@ def run_bench(cfg: DictConfig, task_overrides: list[str]) -> dict:
             "baseline, which reads whole folders: leave it unset for the benchmark"
         )
     check(cfg)
-    shared = [o for o in task_overrides if not o.lstrip("+~").startswith("bench")]
-    cases = []
-    for case in cfg.bench.cases:
-        try:
-            case_cfg = hydra.compose(
-                config_name="train", overrides=[*shared, f"model={case.model}", f"optimizer={case.optimizer}"]
-            )
-        except HydraException as err:
-            raise UserError(
-                f"the bench case {case.model}/{case.optimizer} cannot take these overrides: {str(err).splitlines()[0]}"
-            ) from None
-        check(case_cfg)
-        cases.append((case, OmegaConf.to_container(case_cfg, resolve=True)))
+    cases = compose_cases(cfg, task_overrides)
     matmul = (cfg.bench.matmul_size, cfg.bench.matmul_repeats)
     report: dict[str, Any] = {
         "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
@@ -297,11 +358,18 @@ def run_bench(cfg: DictConfig, task_overrides: list[str]) -> dict:
                 timings = (best["epoch_timings"] if best else []) + result["epoch_timings"]
                 if not best or result["epoch_seconds"] < best["epoch_seconds"]:
                     best = result
-                row["results"][pipeline] = {
-                    **best,
-                    "epoch_timings": timings,
-                    "epochs_timed": max(round_, len(timings) - round_),
-                }
+                merged = {**best, "epoch_timings": timings, "epochs_timed": max(round_, len(timings) - round_)}
+                if "bare_step_timings" in result:
+                    # The fastest bare step of any round against the fastest fit: load only slows either down.
+                    earlier = row["results"].get(pipeline, {}).get("bare_step_timings", [])
+                    bare_timings = earlier + result["bare_step_timings"]
+                    bare_rate = result["bare_step_images"] / min(bare_timings)
+                    merged.update(
+                        bare_step_timings=bare_timings,
+                        bare_step_images_per_second=bare_rate,
+                        fit_over_bare_step=merged["train_images_per_second"] / bare_rate,
+                    )
+                row["results"][pipeline] = merged
         report["cases"].append(row)
     return report
 
@@ -316,14 +384,18 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _label(row: dict) -> str:
+    return f"{row['model']} ({row['input_size']} px)"  # one model may be a case at several sizes
+
+
 def format_report(report: dict) -> str:
     """The benchmark's numbers as a markdown table and a compute summary."""
     lines = [
         f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores",
         "",
         "| model | pipeline | input | s/epoch (train + val) | train s | val s | train img/s | "
-        "val img/s | achieved GFLOP/s | timed |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "bare step img/s | fit / bare step | val img/s | achieved GFLOP/s | timed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["cases"]:
         for pipeline, r in row["results"].items():
@@ -332,10 +404,15 @@ def format_report(report: dict) -> str:
                 if r["extrapolated"]
                 else "full epochs"
             ) + f", best of {r['epochs_timed']}"
+            bare = (
+                f"{r['bare_step_images_per_second']:.0f} | {r['fit_over_bare_step']:.0%}"
+                if "bare_step_images_per_second" in r
+                else "- | -"
+            )
             lines.append(
-                f"| {row['model']} ({row['input_size']} px) | {pipeline} | {r['input']} | "
+                f"| {_label(row)} | {pipeline} | {r['input']} | "
                 f"{r['epoch_seconds']:.1f} | {r['train_seconds']:.1f} | {r['val_seconds']:.1f} | "
-                f"{r['train_images_per_second']:.0f} | {r['val_images_per_second']:.0f} | "
+                f"{r['train_images_per_second']:.0f} | {bare} | {r['val_images_per_second']:.0f} | "
                 f"{r['achieved_gflops']:.1f} | {timed} |"
             )
     lines.append("")
@@ -348,14 +425,20 @@ def format_report(report: dict) -> str:
     for row in report["cases"]:
         ours = row["results"]["lenet_sweep"]
         base = row["results"].get("plain Keras")
+        if "bare_step_images_per_second" in ours:
+            lines.append(
+                f"{_label(row)}: training in fit {ours['train_images_per_second']:.0f} images/s = "
+                f"{ours['fit_over_bare_step']:.0%} of its bare train step's {ours['bare_step_images_per_second']:.0f} "
+                f"(same process and model, {ours['bare_steps_timed']} steps on float32 batches in memory)"
+            )
         if base:
             lines.append(
-                f"{row['model']}: lenet_sweep {ours['epoch_seconds']:.1f} s/epoch vs plain Keras "
+                f"{_label(row)}: lenet_sweep {ours['epoch_seconds']:.1f} s/epoch vs plain Keras "
                 f"{base['epoch_seconds']:.1f} s/epoch: {base['epoch_seconds'] / ours['epoch_seconds']:.2f}x "
                 "faster"
             )
         lines.append(
-            f"{row['model']}: {ours['train_gflop_per_image']:.3f} GFLOP per training image, "
+            f"{_label(row)}: {ours['train_gflop_per_image']:.3f} GFLOP per training image, "
             f"{ours['achieved_gflops']:.1f} GFLOP/s achieved = {ours['achieved_gflops'] / top:.0%} of the "
             f"best matmul ({top:.1f})"
             + (

@@ -33,6 +33,16 @@ class Padding(Choice):
     same = "same"
 
 
+class Head(Choice):
+    flatten = "flatten"
+    gap = "gap"
+
+
+class Schedule(Choice):
+    constant = "constant"
+    cosine = "cosine"
+
+
 class Pooling(Choice):
     avg = "avg"
     max = "max"
@@ -135,6 +145,8 @@ class ModelConfig:
     dropout: float = knob(ge=0.0, lt=1.0)
     augment_flip: bool = MISSING
     augment_shift: float = knob(ge=0.0, lt=1.0)
+    # Added after runs were recorded: older config.yaml files lack it and read back as the study's head.
+    head: Head = Head.flatten
 
 
 @dataclass
@@ -180,6 +192,8 @@ class TrainLoopConfig:
     # Added after runs were recorded: older config.yaml files lack them and read back with these values.
     resume: bool = False
     backup_dir: str = "mlruns/backups"
+    lr_schedule: Schedule = Schedule.constant
+    warmup_epochs: int = knob(ge=0, default=0)
 
 
 @dataclass
@@ -246,6 +260,7 @@ class BenchCase:
     optimizer: str = MISSING
     steps: Optional[int] = knob(ge=1, default=None)  # a case given on the command line may leave these out
     val_steps: Optional[int] = knob(ge=1, default=None)
+    input_size: Optional[int] = knob(ge=2, default=None)  # null: the model file's own input_size
 
 
 @dataclass
@@ -325,12 +340,23 @@ class HyperbandTunerConfig(TunerConfig):
 
 
 @dataclass
+class PruneSettings:
+    enabled: bool = True
+    after_epochs: int = knob(ge=1, default=2)
+    chance_margin: float = knob(ge=0.0, lt=1.0, default=0.05)
+    diverged_loss: float = knob(gt=1.0, default=3.0)
+
+
+@dataclass
 class SweepSettings:
     name: str = MISSING
     dir: str = MISSING
     overwrite: bool = MISSING
     early_stopping_patience: Optional[int] = knob(ge=1)
     time_limit_minutes: Optional[float] = knob(gt=0.0)
+    # Added after sweeps were recorded: older ones read back without a budget.
+    budget_minutes: Optional[float] = knob(gt=0.0, default=None)
+    budget_margin: float = knob(ge=0.0, lt=1.0, default=0.05)
     top: int = knob(ge=0)
     threads: Optional[int] = knob(ge=1)
     role: Role = MISSING
@@ -338,6 +364,8 @@ class SweepSettings:
     worker_id: Optional[str] = MISSING
     lease_seconds: float = knob(gt=0.0)
     chief_wait_minutes: float = knob(gt=0.0)
+    # Added after sweeps were recorded: older ones read back with pruning as it is now.
+    prune: PruneSettings = field(default_factory=PruneSettings)
 
 
 @dataclass
@@ -356,10 +384,27 @@ class SweepRef:
 
 
 @dataclass
+class FinalFit:
+    """best.final: the winner's refit at the final fidelity, and the share of the budget it gets."""
+
+    input_size: Optional[int] = knob(ge=2)
+    epochs: int = knob(ge=1)
+    min_epochs: int = knob(ge=1)
+    share: float = knob(gt=0.0, lt=1.0)
+    margin: float = knob(ge=1.0, why="a margin below 1 plans on epochs faster than any measured")
+
+
+@dataclass
 class BestSettings:
     top_k: int = knob(ge=1)
-    seeds: int = knob(ge=1)
+    seeds: Optional[int] = knob(ge=1)
+    min_seeds: int = knob(ge=1)
+    max_seeds: int = knob(ge=1)
+    confidence: float = knob(gt=0.0, lt=1.0)
     first_seed: int = knob(ge=0)
+    budget_minutes: float = knob(gt=0.0)
+    final: FinalFit = field(default_factory=FinalFit)
+    race_epochs: Optional[int] = knob(ge=1, default=None)
 
 
 @dataclass

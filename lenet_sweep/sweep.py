@@ -9,9 +9,10 @@ Trials are chosen and ranked on the validation split only; the test split is nev
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,7 +25,9 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lenet_sweep import budget as time_budget
 from lenet_sweep import distributed, plots
+from lenet_sweep.budget import Budget
 from lenet_sweep.cli import clock, guarded
 from lenet_sweep.config import HyperParameterSpec, check, register_configs
 from lenet_sweep.config import one_line as config_error
@@ -49,6 +52,7 @@ from lenet_sweep.tracking.store import (
     redact,
     trial_runs,
 )
+from lenet_sweep.trial import PruneRule
 from lenet_sweep.tuner import (
     StopPolicy,
     SweepContext,
@@ -216,7 +220,15 @@ def trial_model(
         data,
         num_classes,
         cfg.sweep.early_stopping_patience,
+        prune_rule(cfg.sweep.prune),
     )
+
+
+def prune_rule(settings: Optional[DictConfig]) -> Optional[PruneRule]:
+    """`sweep.prune` as the rule trial.fit applies (None: off)."""
+    if settings is None or not settings.enabled:
+        return None
+    return PruneRule(int(settings.after_epochs), float(settings.chance_margin), float(settings.diverged_loss))
 
 
 # ---- state folder ------------------------------------------------------------------------------
@@ -239,7 +251,10 @@ def state_fingerprint(cfg: DictConfig) -> dict[str, Any]:
             "seed": resolved["seed"],
             "search": resolved["search"],
             "tuner": tuner,
-            "sweep": {"early_stopping_patience": cfg.sweep.early_stopping_patience},
+            "sweep": {
+                "early_stopping_patience": cfg.sweep.early_stopping_patience,
+                "prune": resolved["sweep"].get("prune"),
+            },
         }
     )
 
@@ -283,6 +298,70 @@ def check_state(cfg: DictConfig) -> tuple[Path, bool]:
     return project, True
 
 
+# ---- the budget --------------------------------------------------------------------------------
+
+
+def sweep_budget(
+    cfg: DictConfig, space: Mapping[str, Any], print_fn: Optional[Progress], started: float
+) -> Optional[Budget]:
+    """`sweep.budget_minutes` of this invocation, counted from `started` (None: no budget). A resumed sweep
+    gets a whole new budget: it is not part of the fingerprint, so a rerun with more time goes on."""
+    if cfg.sweep.budget_minutes is None:
+        return None
+    searched = [name for name, spec in space.items() if spec.key == "train.epochs"]
+    default = int(cfg.train.epochs)
+
+    def epochs_of(values: Mapping[str, Any]) -> int:
+        return int(values.get(searched[0], default)) if searched else default
+
+    return Budget(
+        float(cfg.sweep.budget_minutes),
+        float(cfg.sweep.budget_margin),
+        int(cfg.tuner.executions_per_trial),
+        epochs_of,
+        print_fn,
+        started=started,
+    )
+
+
+def budget_lines(report: Mapping[str, Any]) -> list[str]:
+    """How the budget went (`Budget.report`), in words; [] without a budget."""
+    if not report:
+        return []
+    r, minutes = report, report["budget_minutes"]
+    rate = ""
+    if math.isfinite(r["seconds_per_epoch"]):
+        rate = (
+            f"; {r['epochs_trained']:g} epochs at {r['seconds_per_epoch']:.1f} s each + "
+            f"{r['trial_setup_seconds']:.1f} s set-up per trial"
+        )
+    lines = [
+        f"budget {clock(60 * minutes)} (sweep.budget_minutes={minutes:g}): used {clock(r['budget_used_seconds'])} = "
+        f"set-up {clock(r['setup_seconds'])} + {r['trials_timed']} trials {clock(r['trials_seconds'])} + "
+        f"between and after them {clock(r['other_seconds'])}{rate}"
+    ]
+    if r["brackets_run"] or r["brackets_skipped"]:
+        lines.append(
+            f"Hyperband brackets: {r['brackets_run']} run ({r['brackets_shortened']} shortened to fit), "
+            f"{r['brackets_skipped']} skipped (did not fit the time left)"
+        )
+    if r["stopped_because"]:
+        lines.append(f"the budget ended the search: {r['stopped_because']}")
+    return lines
+
+
+def _log_budget(budget: Optional[Budget]) -> dict[str, Any]:
+    """How the budget went, on the parent run: its numbers as metrics, its words as the tag
+    lenet_sweep.budget. Returns `Budget.report` ({} without a budget)."""
+    if budget is None:
+        return {}
+    budget.ended = time_budget.budget_clock()
+    report = budget.report()
+    mlflow.log_metrics({k: float(v) for k, v in report.items() if isinstance(v, (int, float)) and math.isfinite(v)})
+    mlflow.set_tag("lenet_sweep.budget", " ".join(budget_lines(report)))
+    return report
+
+
 # ---- the sweep ---------------------------------------------------------------------------------
 
 
@@ -293,6 +372,7 @@ class SweepResult:
     seconds: float
     resumed: bool
     stopped_because: str = ""  # why the sweep stopped before its tuner was done ("" if it was)
+    budget: dict[str, Any] = field(default_factory=dict)  # how sweep.budget_minutes went (Budget.report; {}: none)
 
 
 def run_sweep(
@@ -305,6 +385,7 @@ def run_sweep(
     """
     import tensorflow as tf
 
+    invoked = time_budget.budget_clock()  # the budget counts from here: decoding and MLflow's set-up are part of it
     check(cfg)  # the schema's ranges; tuner.seed >= 1 because KerasTuner reads 0 as "unseeded"
     distributed.check_role(cfg.sweep)
     role = str(cfg.sweep.role)
@@ -332,6 +413,7 @@ def run_sweep(
         cfg.tuner.max_consecutive_failed_trials,
         worker_id=cfg.sweep.worker_id if role == "worker" else "",
         lease_seconds=cfg.sweep.lease_seconds,
+        budget=None if role == "worker" else sweep_budget(cfg, space, print_fn, invoked),  # the chief's is the sweep's
     )
     hypermodel = trial_model(cfg, space, optimizers, data, len(first.splits.classes))
     with distributed.kerastuner_role(role, cfg.sweep.chief, cfg.sweep.worker_id):
@@ -385,6 +467,8 @@ def _lead(cfg, tuner, context, client, project, resumed, space, first, server, p
         project.mkdir(parents=True, exist_ok=True)  # KerasTuner creates it at its first save
         (project / STATE_FILE).write_text(json.dumps(state_fingerprint(cfg), indent=1))
         chief_seconds = 0.0
+        if context.budget is not None:
+            context.budget.search_started = time_budget.budget_clock()
         if role == "chief":
             mlflow.log_dict(worker_fingerprint(cfg, first), FINGERPRINT)  # what every worker must match
             chief_seconds = serve(cfg, tuner, context, client, project, resumed, server)
@@ -397,7 +481,8 @@ def _lead(cfg, tuner, context, client, project, resumed, space, first, server, p
             mlflow.log_metric("chief_seconds_per_trial", chief_seconds / max(len(rows), 1))
         if context.stopped_because:
             mlflow.set_tag("stopped_because", context.stopped_because)
-    return SweepResult(parent_id, rows, seconds, bool(previous), context.stopped_because)
+        spent = _log_budget(context.budget)
+    return SweepResult(parent_id, rows, seconds, bool(previous), context.stopped_because, spent)
 
 
 # ---- distributed: chief and worker -------------------------------------------------------------
@@ -562,6 +647,8 @@ def summarise(
             "output_activation": p.get("model.output_activation"),
             "run_id": run.info.run_id,
             "failure_reason": run.data.tags.get("failure_reason", ""),
+            "pruned": run.data.tags.get("lenet_sweep.pruned", ""),
+            "pruned_seconds_saved": pruned_seconds_saved(run),
         }
         row |= {name: number(p.get(name)) for name in names}
         rows.append(row)
@@ -586,6 +673,7 @@ def _log_summary(rows: list[dict[str, Any]], space: Mapping[str, Any], seconds: 
         *names,
         "run_id",
         "failure_reason",
+        "pruned",
     ]
     table = [[i + 1 if r["status"] == "FINISHED" else "", *[r.get(k) for k in header[1:]]] for i, r in enumerate(rows)]
     mlflow.log_text(csv_text(table, header), "sweep/ranking.csv")
@@ -608,11 +696,24 @@ def _log_summary(rows: list[dict[str, Any]], space: Mapping[str, Any], seconds: 
             "trials": len(rows),
             "trials_finished": len(ok),
             "trials_failed": sum(r["status"] == "FAILED" for r in rows),
+            "trials_pruned": sum(bool(r["pruned"]) for r in rows),
+            "pruned_seconds_saved": sum(r["pruned_seconds_saved"] for r in rows),
             "best_val_accuracy": ok[0]["val_accuracy"] if ok else float("nan"),
             "sweep_seconds": seconds,
             "tracking_overhead": tracking / trials if trials else 0.0,
         }
     )
+
+
+def pruned_seconds_saved(run) -> float:
+    """What pruning saved a trial: the epochs it was given but did not train, at its own seconds per epoch
+    (0 if it was not pruned)."""
+    m, p = run.data.metrics, run.data.params
+    if "lenet_sweep.pruned" not in run.data.tags or not m.get("epochs_run"):
+        return 0.0
+    planned = number(p.get("train.epochs"))
+    left = (planned if isinstance(planned, (int, float)) else 0) - m.get("last_epoch", planned)
+    return max(left, 0) * m.get("trial_seconds", 0.0) / m["epochs_run"]
 
 
 def tracking_seconds(rows: list[dict[str, Any]]) -> tuple[float, float]:
@@ -668,6 +769,15 @@ def run(cfg: DictConfig, overrides: list[str]) -> SweepResult:
     )
     if result.stopped_because:
         print(f"stopped early: {result.stopped_because}")
+    for line in budget_lines(result.budget):
+        print(line)
+    pruned = [r for r in result.rows if r["pruned"]]
+    if pruned:
+        saved = sum(r["pruned_seconds_saved"] for r in pruned)
+        print(
+            f"{len(pruned)} trial(s) pruned (at chance or diverging, stopped at once): {clock(saved)} of "
+            "training their epochs would have taken, spent on other trials"
+        )
     tracking, trial_seconds = tracking_seconds(result.rows)
     if trial_seconds:
         print(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import shutil
 import sys
@@ -183,6 +184,77 @@ class EpochCounter(keras.callbacks.Callback):
         self.variable.assign(epoch)
 
 
+def scheduled_rate(base: float, epoch: int, epochs: int, warmup: int) -> float:
+    """train.lr_schedule=cosine's learning rate in 0-based `epoch` of `epochs`: a linear rise over `warmup`
+    epochs, then half a cosine from `base` down towards 0 (reached after the last epoch, not in it)."""
+    if epoch < warmup:
+        return base * (epoch + 1) / (warmup + 1)
+    span = max(epochs - warmup, 1)
+    return base * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup) / span))
+
+
+class CosineSchedule(keras.callbacks.Callback):
+    """Sets the optimizer's learning rate as each epoch begins (`scheduled_rate`). Per epoch, not per step:
+    with steps_per_execution, Keras calls batch callbacks only every Nth step; and a resumed training or a
+    Hyperband round that goes on from epoch k gets epoch k's rate from the epoch number alone."""
+
+    def __init__(self, base: float, epochs: int, warmup: int):
+        super().__init__()
+        self.base, self.epochs, self.warmup = base, epochs, warmup
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.model.optimizer.learning_rate = scheduled_rate(self.base, epoch, self.epochs, self.warmup)
+
+
+@dataclass(frozen=True)
+class PruneRule:
+    """When a sweep trial stops at once (conf/sweep.yaml `sweep.prune`)."""
+
+    after_epochs: int  # epochs trained before the chance rule applies
+    chance_margin: float  # at chance: val_accuracy <= 1/classes + this
+    diverged_loss: float  # training loss above this multiple of ln(classes) (the uniform guess's loss)
+
+
+class Pruner(keras.callbacks.Callback):
+    """Stops a training that can no longer become good: validation and training accuracy at chance after
+    `rule.after_epochs` (e.g. the ReLU output whose units all died: val_loss sits at ln C from epoch 1),
+    or a training loss that grows, epoch on epoch, far past the uniform guess's. `reason` says which ('' if none)."""
+
+    def __init__(self, rule: PruneRule, num_classes: int):
+        super().__init__()
+        self.rule, self.classes = rule, num_classes
+        self.reason = ""
+        self.epoch = 0  # 1-based epoch it stopped after
+
+    def on_train_begin(self, logs=None):
+        self.reason, self.epoch, self.previous_loss = "", 0, math.inf
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        chance, uniform = 1.0 / self.classes, math.log(self.classes)
+        accuracy, loss = logs.get(OBJECTIVE, math.nan), logs.get("loss", math.nan)
+        # Training accuracy at chance too: a model that learns but whose validation swings (batch norm at a
+        # high learning rate can put one epoch's validation at chance) is not dead.
+        learning = logs.get("accuracy", math.nan) > chance + self.rule.chance_margin
+        previous, self.previous_loss = self.previous_loss, loss
+        # Growing, not just high: a first epoch from confident initial outputs can average above the bar.
+        if math.isfinite(loss) and loss > previous and loss > self.rule.diverged_loss * uniform:
+            self.reason = (
+                f"diverging: training loss grew to {loss:.3g} in epoch {epoch + 1}, over "
+                f"{self.rule.diverged_loss:g} x ln {self.classes} = {self.rule.diverged_loss * uniform:.3g}"
+            )
+        elif epoch + 1 >= self.rule.after_epochs and accuracy <= chance + self.rule.chance_margin and not learning:
+            self.reason = (
+                f"at chance: {OBJECTIVE} {accuracy:.4f} and accuracy {logs.get('accuracy', math.nan):.4f} after "
+                f"epoch {epoch + 1} (chance {chance:.3f} + margin "
+                f"{self.rule.chance_margin:g}; val_loss {logs.get('val_loss', math.nan):.4f}, ln {self.classes} = "
+                f"{uniform:.4f})"
+            )
+        if self.reason:
+            self.epoch = epoch + 1
+            self.model.stop_training = True
+
+
 class ResumedEarlyStopping(keras.callbacks.EarlyStopping):
     """Keras' early stopping on validation loss that, in a resumed training, first replays the epochs
     trained before the backup, so it stops where an uninterrupted training would have."""
@@ -306,6 +378,7 @@ class Fitted:
     own: list[dict[str, float]]  # the run's own epochs (trained before a resume, then here; [] if untracked)
     start: int  # 0-based epoch of own[0]: Hyperband's initial_epoch
     logging_seconds: float  # time spent logging to MLflow inside fit
+    pruned: str = ""  # why `prune` stopped it ('' if it did not)
 
 
 def fit(
@@ -325,16 +398,18 @@ def fit(
     steps_per_epoch: Optional[int] = None,
     validation_steps: Optional[int] = None,
     backup: Optional[Path] = None,
+    prune: Optional[PruneRule] = None,
 ) -> Fitted:
     """Train `model` on `data`'s train split, validating on its val split, as every run trains.
 
     The callbacks, in Keras' calling order: the epoch counter the training order is drawn from, MLflow
     logging (`tracking`), stop on NaN, early stopping after `patience` epochs without a lower validation
-    loss, the best validation-accuracy epoch's weights restored at the end (`keep_best`: the model a
-    KerasTuner checkpoint would hold), `callbacks`, the backup (`backup`: a folder of its own; a training
-    given a folder holding a backup goes on from the epoch after it, its earlier epochs in
-    `tracking.resumed`), progress lines. The backup comes after the logger: an epoch logged but not backed
-    up is trained again (to the same values) and not logged twice.
+    loss, a trial that cannot become good stopped at once (`prune`: the reason in the run's tag
+    `lenet_sweep.pruned`), the cosine learning rate (train.lr_schedule), the best validation-accuracy epoch's
+    weights restored at the end (`keep_best`: the model a KerasTuner checkpoint would hold), `callbacks`,
+    the backup (`backup`: a folder of its own; a training given a folder holding a backup goes on from the
+    epoch after it, its earlier epochs in `tracking.resumed`), progress lines. The backup comes after the
+    logger: an epoch logged but not backed up is trained again (to the same values) and not logged twice.
     """
     import tensorflow as tf
 
@@ -354,6 +429,12 @@ def fit(
         if model.stop_training:  # it had stopped before the process died: no epoch is left to train
             epochs, model.stop_training = first, False
         run_callbacks.append(stopping)
+    pruner = Pruner(prune, len(data.splits.classes)) if prune else None
+    if pruner:
+        run_callbacks.append(pruner)
+    if cfg.train.lr_schedule == "cosine":
+        rate = float(cfg.optimizer.learning_rate)
+        run_callbacks.append(CosineSchedule(rate, epochs, int(cfg.train.warmup_epochs)))
     if keep_best:
         # Keras 3 restores the best epoch's weights when training ends, stopped early or not; patience past
         # the last epoch means this one never stops training itself.
@@ -380,10 +461,14 @@ def fit(
         steps_per_epoch=steps_per_epoch,
         validation_steps=validation_steps,
     )
+    pruned = pruner.reason if pruner else ""
     if logger is None:
         own = [{k: float(v[i]) for k, v in history.history.items()} for i in range(len(history.epoch))]
-        return Fitted(history, [], own, initial_epoch, 0.0)
-    return Fitted(history, logger.rows, logger.own, initial_epoch, logger.seconds)
+        return Fitted(history, [], own, initial_epoch, 0.0, pruned)
+    if pruned:
+        tag = "lenet_sweep.pruned" + (f".{tracking.prefix.rstrip('.')}" if tracking.prefix else "")
+        tracking.client.set_tag(tracking.run_id, tag, pruned)
+    return Fitted(history, logger.rows, logger.own, initial_epoch, logger.seconds, pruned)
 
 
 # ---- the one test evaluation -------------------------------------------------------------------

@@ -4,10 +4,13 @@ KerasTuner behaviour each one relies on).
 - `TrialModel(kt.HyperModel)`: `build` seeds and compiles the trial's config; `fit` trains it through
   `trial.fit`, the one path every training takes.
 - `TrialTracking`, mixed into KerasTuner's tuners: `run_trial` makes each trial an MLflow run (FINISHED, or
-  FAILED with its reason: `FailedTrialError`, which KerasTuner records without retrying);
-  `_build_and_fit_model` (called once per execution) sets that execution's seed and MLflow logging;
-  `on_trial_end` prints progress and stops the sweep (time limit, failures in a row) by lowering the oracle's
-  `max_trials`, KerasTuner's own stop.
+  FAILED with its reason: `FailedTrialError`, which KerasTuner records without retrying) and reports the
+  epochs it trained with its score; `_build_and_fit_model` (called once per execution) sets that execution's
+  seed and MLflow logging; `on_trial_end` prints progress and stops the sweep (time limit, failures in a row)
+  by lowering the oracle's `max_trials`, KerasTuner's own stop.
+- `Budgeted*Oracle`: KerasTuner's oracles on `sweep.budget_minutes` (budget.py): every trial timed where the
+  oracle lives (here, or on a distributed chief), Hyperband brackets planned to fit the time left, no random
+  or Bayesian trial started that would overrun it. `make_tuner` runs KerasTuner's tuners on them.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import math
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +29,24 @@ import keras
 import keras_tuner as kt
 import mlflow
 import numpy as np
+from keras_tuner.src.engine.trial import TrialStatus
 from keras_tuner.src.engine.tuner_utils import SaveBestEpoch
+from keras_tuner.src.tuners.bayesian import BayesianOptimizationOracle
+from keras_tuner.src.tuners.hyperband import HyperbandOracle
+from keras_tuner.src.tuners.randomsearch import RandomSearchOracle
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from lenet_sweep import distributed
 from lenet_sweep import trial as T
+from lenet_sweep.budget import (
+    EPOCHS_TRAINED,
+    RECORDS_KEPT,
+    Budget,
+    bracket_cycle,
+    choose_bracket,
+    hyperband_plans,
+)
 from lenet_sweep.cli import clock
 from lenet_sweep.data import DataBySize
 from lenet_sweep.tracking.artifacts import Artifacts
@@ -61,10 +77,11 @@ class TrialModel(kt.HyperModel):
         data: DataBySize,
         num_classes: int,
         patience: Optional[int] = None,
+        prune: Optional[T.PruneRule] = None,
     ):
         super().__init__(name="lenet_sweep")
         self.cfg, self.config, self.values = cfg, config_of, values_of
-        self.data, self.num_classes, self.patience = data, num_classes, patience
+        self.data, self.num_classes, self.patience, self.prune = data, num_classes, patience, prune
         self.seed = cfg.seed
         self.tracking: Optional[T.Tracking] = None
         self.backup: Optional[Path] = None  # the execution's backup folder (trial.Backup)
@@ -104,6 +121,7 @@ class TrialModel(kt.HyperModel):
             epochs=epochs,
             initial_epoch=initial_epoch,
             backup=self.backup,
+            prune=self.prune,
         )
         self.fitted = fitted
         return own_history(fitted) if resumed else fitted.history
@@ -124,6 +142,7 @@ class SweepContext:
     stopped_because: str = ""
     worker_id: str = ""  # "" unless this process is a distributed worker
     lease_seconds: float = 120.0
+    budget: Optional[Budget] = None  # sweep.budget_minutes, on the oracle's side (not a worker's)
 
 
 @dataclass
@@ -170,6 +189,19 @@ def own_history(fitted: T.Fitted) -> keras.callbacks.History:
     return history
 
 
+def with_epochs_trained(histories: list, epochs: int) -> list:
+    """Copies of a trial's `histories` whose every epoch also carries `EPOCHS_TRAINED` (`epochs`, all its
+    executions, in this process). KerasTuner reports a trial's best-epoch row to the oracle, which is all a
+    distributed chief hears of a trial; its budget needs the epochs, which early stopping and pruning cut."""
+    copies = []
+    for history in histories:
+        copy = keras.callbacks.History()
+        copy.epoch = list(history.epoch)
+        copy.history = {**history.history, EPOCHS_TRAINED: [float(epochs)] * len(history.epoch)}
+        copies.append(copy)
+    return copies
+
+
 def best_epoch_metrics(histories: list) -> dict[str, float]:
     """KerasTuner's score of a trial: each execution's metrics at its best `OBJECTIVE` epoch, averaged."""
     rows = []
@@ -198,6 +230,7 @@ class TrialTracking:
         self._fits: list[T.Fitted] = []  # the trial's executions so far
         self._continuing = False  # the trial goes on from its backups, in its cut-off MLflow run
         self._beat: Optional[distributed.Heartbeat] = None  # a worker's, while its trial runs
+        self._promotion: Optional[tuple[str, str, Optional[int]]] = None  # (trial, the trial it continues, epoch)
         super().__init__(*args, **kwargs)
 
     def _build_and_fit_model(self, trial, *args, **kwargs):
@@ -213,6 +246,10 @@ class TrialTracking:
             if previous not in self.histories:  # trained before a resume: read back what was logged
                 self.histories[previous] = recorded_history(self.context, previous)
             inherited = (self.histories[previous] + [{}] * initial)[:initial]
+        # Said once per trial as KerasTuner loads `previous`'s checkpoint (TrackedHyperband._build_hypermodel).
+        self._promotion = (
+            (trial.trial_id, previous, self._checkpoint_epoch(previous)) if previous and not execution else None
+        )
         shown = f" (execution 1 of {self.executions_per_trial})" if self.executions_per_trial > 1 else ""
         cfg = model.config(hp)
         client, run_id = MlflowClient(mlflow.get_tracking_uri()), mlflow.active_run().info.run_id
@@ -236,9 +273,23 @@ class TrialTracking:
         )
         if self._beat is not None:
             kwargs["callbacks"] = [*kwargs.get("callbacks", []), self._beat]
-        results = super()._build_and_fit_model(trial, *args, **kwargs)
+        try:
+            results = super()._build_and_fit_model(trial, *args, **kwargs)
+        finally:
+            self._promotion = None
         self._fits.append(model.fitted)
         return results
+
+    def _checkpoint_epoch(self, trial_id: str) -> Optional[int]:
+        """The epoch of trial `trial_id`'s KerasTuner checkpoint: its own best (of its first execution's), after
+        the epochs it inherited itself; None if unknown."""
+        try:
+            inherited = int(self.oracle.get_trial(trial_id).hyperparameters.values.get("tuner/initial_epoch", 0))
+        except Exception:  # a worker whose chief is away: the line says less
+            return None
+        own = self.histories.get(trial_id, [])[inherited:]
+        epoch, score = T.best_epoch(own) if own else (0, math.nan)
+        return inherited + epoch if math.isfinite(score) else None
 
     def backups(self, trial_id: str) -> Path:
         """The trial's backup folders (one per execution), in its KerasTuner folder; a worker's own."""
@@ -358,13 +409,15 @@ class TrialTracking:
         if reason or lost:
             self.last_reason = reason or lost  # a lost trial's end report is ignored by the chief
             raise kt.errors.FailedTrialError(self.last_reason)
-        return histories
+        return with_epochs_trained(histories, sum(len(f.history.epoch) for f in self._fits if f is not None))
 
     def _log_results(self, trial, histories, started: float, fit_seconds: float) -> None:
         # The first execution's rows (inherited epochs first), as its logger wrote them to history.csv.
         self.histories[trial.trial_id] = self._fits[0].rows if self._fits else []
         best = best_epoch_metrics(histories)
         self.last_score = best.get(OBJECTIVE, float("nan"))
+        pruned = next((f.pruned for f in self._fits if f.pruned), "")
+        self.last_reason = f"pruned, {pruned}" if pruned else ""  # shown on its progress line
         initial = int(trial.hyperparameters.values.get("tuner/initial_epoch", 0))
         tracking = time.perf_counter() - started - fit_seconds + sum(f.logging_seconds for f in self._fits)
         mlflow.log_metrics(
@@ -416,6 +469,8 @@ def progress_line(oracle, trial, reason: str, started: float, worker: str = "") 
     best = oracle.get_best_trials(1)
     best_score = f"{best[0].score:.4f}" if best and best[0].score is not None else "-"
     outcome = f"{OBJECTIVE} {trial.score:.4f}" if trial.status == "COMPLETED" else f"{trial.status}: {reason}"
+    if trial.status == "COMPLETED" and reason:  # a pruned trial: why it stopped
+        outcome += f" ({reason})"
     by = f" on {worker}" if worker else ""
     return (
         f"trial {len(oracle.end_order)}{total} [{trial.trial_id}]{by} {outcome}  (best {best_score})  "
@@ -423,46 +478,313 @@ def progress_line(oracle, trial, reason: str, started: float, worker: str = "") 
     )
 
 
-class TrackedRandomSearch(TrialTracking, kt.RandomSearch):
+# ---- the oracles: KerasTuner's, on a time budget ----------------------------------------------
+
+
+class BudgetedOracle:
+    """Mixed into a KerasTuner oracle: with a `Budget`, every trial is timed where the oracle lives (the local
+    tuner, or the chief for all its workers), from `create_trial` to `end_trial`, with the epochs it reports
+    (`EPOCHS_TRAINED`); those costs are kept in the oracle's saved state (oracle.json) for the next
+    invocation's first plans; and no trial starts after the budget's end. Without one: KerasTuner's own."""
+
+    def __init__(self, *args, budget: Optional[Budget] = None, **kwargs):
+        self.budget = budget
+        self._saved_costs: list[dict[str, Any]] = []  # earlier invocations' trials
+        super().__init__(*args, **kwargs)
+
+    @property
+    def workers(self) -> int:
+        """Tuners asking for trials now: 1 here, the live workers on a chief."""
+        return max(len(self.tuner_ids), 1)
+
+    @kt.synchronized
+    def create_trial(self, tuner_id):
+        trial = super().create_trial(tuner_id)
+        if self.budget is not None and trial.status == TrialStatus.RUNNING:
+            self.budget.begin(trial.trial_id, trial.hyperparameters.values)
+        return trial
+
+    @kt.synchronized
+    def end_trial(self, trial):
+        super().end_trial(trial)
+        if self.budget is not None:
+            metrics = self.trials[trial.trial_id].metrics
+            epochs = metrics.get_last_value(EPOCHS_TRAINED) if metrics.exists(EPOCHS_TRAINED) else None
+            self.budget.end(trial.trial_id, epochs)
+
+    def _budget_over(self) -> Optional[dict[str, Any]]:
+        """The hard end: KerasTuner's answer that no trial starts (None before it)."""
+        if self.budget is None or not self.budget.over():
+            return None
+        self.budget.stop(
+            f"sweep.budget_minutes={self.budget.minutes:g} reached: no new trial starts; rerun the same command "
+            "to go on with a new budget"
+        )
+        return self._no_trial()
+
+    def _no_trial(self) -> dict[str, Any]:
+        # IDLE while trials run elsewhere (a chief's workers), as KerasTuner's Hyperband waits for a round.
+        return {"status": TrialStatus.IDLE if self.ongoing_trials else TrialStatus.STOPPED, "values": None}
+
+    def get_state(self):
+        state = super().get_state()
+        now = self.budget.records if self.budget is not None else []
+        state["lenet_sweep_costs"] = [*self._saved_costs, *now][-RECORDS_KEPT:]
+        return state
+
+    def set_state(self, state):
+        super().set_state(state)
+        self._saved_costs = list(state.get("lenet_sweep_costs", []))
+        if self.budget is not None:
+            self.budget.earlier = self._saved_costs
+
+
+class BudgetedSearchOracle(BudgetedOracle):
+    """Random or Bayesian search on a budget: a trial whose estimated cost (its epochs at this machine's
+    seconds per epoch, plus its setup) would overrun the budget does not start; a shorter draw from the
+    space may (when `train.epochs` is searched), else the search ends."""
+
+    def populate_space(self, trial_id):
+        budget = self.budget
+        if budget is None:
+            return super().populate_space(trial_id)
+        over = self._budget_over()
+        if over:
+            return over
+        response = super().populate_space(trial_id)
+        if response["status"] != TrialStatus.RUNNING:
+            return response
+        wanted = budget.planned_epochs(response["values"])
+        if budget.affords(wanted):
+            return response
+        for _ in range(self._max_collisions):  # KerasTuner's own bound on draws
+            values = self._random_values()
+            if values is None:
+                break
+            if budget.affords(budget.planned_epochs(values)):
+                return {"status": TrialStatus.RUNNING, "values": values}
+        budget.stop(
+            f"the next trial ({wanted:g} epochs, ~{clock(budget.cost().of(wanted))}) does not fit the "
+            f"{clock(max(budget.left(), 0))} left of sweep.budget_minutes={budget.minutes:g} less "
+            f"sweep.budget_margin, nor did a shorter draw; rerun the same command to go on with a new budget"
+        )
+        return self._no_trial()
+
+
+class BudgetedRandomSearchOracle(BudgetedSearchOracle, RandomSearchOracle):
+    """KerasTuner's random search oracle on a budget."""
+
+
+class BudgetedBayesianOptimizationOracle(BudgetedSearchOracle, BayesianOptimizationOracle):
+    """KerasTuner's Gaussian-process oracle on a budget."""
+
+
+class _NewBracketDue(Exception):
+    """KerasTuner's Hyperband is about to start a bracket; on a budget, the budget chooses which."""
+
+
+class BudgetedHyperbandOracle(BudgetedOracle, HyperbandOracle):
+    """KerasTuner's Hyperband with its brackets planned to fit the budget.
+
+    Within the brackets started, KerasTuner chooses every trial (the first round's random ones, the best
+    of a round promoted). When it would start the next bracket of its cycle, the budget chooses: the next
+    one whose whole plan (every round's trials, promoted ones counting only their new epochs) fits the time
+    left at the current estimate, else one with its last rounds dropped (`budget.choose_bracket`); those
+    passed over are skipped. The passes over the brackets go on while the budget lasts, beyond
+    `hyperband_iterations`: a fast machine uses its spare time. A bracket started is run to its planned end,
+    unless the budget's hard end comes first. The first bracket starts before any trial is timed (its first
+    round is the measurement the plans need, and none is wasted): it is marked provisional, and its rounds are
+    fitted to the time left until its first promotion.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self._deciding = False  # inside KerasTuner's populate_space: a new bracket is the budget's to choose
+        super().__init__(*args, **kwargs)
+
+    def _start_new_bracket(self):
+        super()._start_new_bracket()
+        self._brackets[-1]["provisional"] = self.budget is not None and self.budget.cost() is None
+
+    def _increment_bracket_num(self):
+        if self._deciding:
+            raise _NewBracketDue()
+        super()._increment_bracket_num()
+
+    def populate_space(self, trial_id):
+        if self.budget is None:
+            return super().populate_space(trial_id)
+        over = self._budget_over()
+        if over:
+            return over
+        self._remove_completed_brackets()
+        for bracket in self._brackets:
+            if bracket.get("provisional"):
+                self._fit_provisional(bracket)
+        iterations, self.hyperband_iterations = self.hyperband_iterations, math.inf
+        self._deciding = True
+        try:
+            return super().populate_space(trial_id)
+        except _NewBracketDue:
+            pass
+        finally:
+            self._deciding = False
+            self.hyperband_iterations = iterations
+        return self._start_planned_bracket(trial_id)
+
+    def _plan_of(self, bracket: Mapping[str, Any]):
+        return hyperband_plans(self)[bracket["bracket_num"]].shortened(len(bracket["rounds"]))
+
+    def _committed(self) -> float:
+        """Wall seconds the brackets started still need, shared by the workers: the running trials' rest,
+        then the trials not yet created. 0 when nothing runs: the brackets left then wait for nothing
+        (here, KerasTuner starts a bracket only when the last one is done)."""
+        cost = self.budget.cost()
+        if cost is None or not self.ongoing_trials:
+            return 0.0
+        waiting = sum(
+            self._plan_of(b).seconds(cost, self.workers, self.budget.executions, [len(r) for r in b["rounds"]])
+            for b in self._brackets
+        )
+        return self.budget.committed(self.workers) + waiting
+
+    def _fit_provisional(self, bracket: dict[str, Any]) -> None:
+        """The first bracket's rounds, fitted to the time left now that trials are timed (until its first
+        promotion, after which its plan stands)."""
+        rounds = bracket["rounds"]
+        if not rounds[0] and not any(r["provisional"] for r in self.budget.runs):
+            self.budget.started_bracket(self._plan_of(bracket), None, provisional=True)
+        if any(rounds[1:]) or (len(rounds) == 1 and len(rounds[0]) == self._get_size(bracket["bracket_num"], 0)):
+            bracket["provisional"] = False
+            return
+        cost = self.budget.cost()
+        if cost is None:
+            return
+        whole = hyperband_plans(self)[bracket["bracket_num"]]
+        left = self.budget.left() - self._committed()
+        done = [len(rounds[0])]
+
+        def seconds(plan):
+            return plan.seconds(cost, self.workers, self.budget.executions, done)
+
+        fitting = [n for n in range(len(whole.sizes), 0, -1) if seconds(whole.shortened(n)) <= left]
+        keep = fitting[0] if fitting else 1
+        if keep != len(rounds):
+            rounds[keep:] = []
+            rounds.extend([] for _ in range(keep - len(rounds)))
+            self.budget.refitted_bracket(whole.shortened(keep), seconds(whole.shortened(keep)))
+
+    def _start_planned_bracket(self, trial_id):
+        budget, workers = self.budget, self.workers
+        plans = hyperband_plans(self)
+        due = (self._current_bracket - 1) % len(plans)  # KerasTuner's next (its _increment_bracket_num)
+        cost = budget.cost()
+        left = budget.left() - self._committed()
+        if cost is None:  # no trial timed yet (all failed): KerasTuner's next, fitted once one is
+            plan, passed = plans[due], []
+        else:
+            plan, passed = choose_bracket(plans, due, lambda p: p.seconds(cost, workers, budget.executions) <= left)
+        if plan is None:
+            smallest = min((p.shortened(1) for p in plans.values()), key=lambda p: p.seconds(cost, workers, 1))
+            budget.stop(
+                f"no Hyperband bracket fits the {clock(max(left, 0))} left of sweep.budget_minutes={budget.minutes:g} "
+                f"less sweep.budget_margin (the smallest, {smallest.summary()}, needs "
+                f"~{clock(smallest.seconds(cost, workers, budget.executions))}); rerun the same command to go on "
+                "with a new budget"
+            )
+            return self._no_trial()
+        for skipped in passed:
+            budget.skipped_bracket(plans[skipped], plans[skipped].seconds(cost, workers, budget.executions))
+        passes = self._current_iteration
+        for _ in range(bracket_cycle(due, len(plans)).index(plan.bracket) + 1):
+            self._increment_bracket_num()
+        if self._current_iteration > passes and self._current_iteration >= self.hyperband_iterations and budget.say:
+            budget.say(
+                f"budget: pass {self._current_iteration + 1} over Hyperband's brackets starts, beyond "
+                f"tuner.hyperband_iterations={self.hyperband_iterations}: there is time left"
+            )
+        self._start_new_bracket()
+        bracket = self._brackets[-1]
+        del bracket["rounds"][len(plan.sizes) :]
+        budget.stopped_because = ""  # a chief's earlier "nothing fits" no longer holds
+        budget.started_bracket(plan, plan.seconds(cost, workers, budget.executions) if cost else None, cost is None)
+        return self._random_trial(trial_id, bracket)
+
+
+class OnOracle:
+    """Runs a KerasTuner tuner on the oracle `make_tuner` made (KerasTuner's tuners build their own in their
+    `__init__`, and do nothing else there)."""
+
+    def __init__(self, oracle, **kwargs):
+        kt.Tuner.__init__(self, oracle=oracle, **kwargs)
+
+
+class TrackedRandomSearch(TrialTracking, OnOracle, kt.RandomSearch):
     """KerasTuner's random search, every trial an MLflow run."""
 
 
-class TrackedBayesianOptimization(TrialTracking, kt.BayesianOptimization):
+class TrackedBayesianOptimization(TrialTracking, OnOracle, kt.BayesianOptimization):
     """KerasTuner's Gaussian-process search, every trial an MLflow run."""
 
 
-class TrackedHyperband(TrialTracking, kt.Hyperband):
+class TrackedHyperband(TrialTracking, OnOracle, kt.Hyperband):
     """KerasTuner's Hyperband (epochs are the budget), every trial an MLflow run."""
+
+    def _build_hypermodel(self, hp):
+        if self._promotion is None:
+            return super()._build_hypermodel(hp)
+        # KerasTuner loads the previous round's checkpoint, which holds that trial's optimizer state too, into
+        # a model whose optimizer is not built yet: Keras skips that state and warns at every promotion, with
+        # nothing a user can do about it. Said once, plainly, instead.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer", category=UserWarning)
+            model = super()._build_hypermodel(hp)
+        trial_id, previous, epoch = self._promotion
+        if self.context.print_fn:
+            at = f"from epoch {epoch} (its best)" if epoch else "from its best epoch"
+            self.context.print_fn(
+                f"trial {trial_id} continues trial {previous}'s weights {at} with a fresh optimizer (KerasTuner's "
+                "checkpoint holds the optimizer state too, but loads it before the new model's optimizer is "
+                "built, so Keras drops it)"
+            )
+        return model
 
 
 def make_tuner(
     t: DictConfig, hypermodel: TrialModel, context: SweepContext, directory: str, project: str, overwrite: bool
 ) -> kt.Tuner:
-    """The tuner `t.kind` names (`t` is the config's `tuner` section), its state in `directory/project`."""
+    """The tuner `t.kind` names (`t` is the config's `tuner` section), its state in `directory/project`, on
+    `context.budget` (None: no budget)."""
     # KerasTuner's own failure limit raises out of the search with the trial half-saved; ours stops
     # cleanly (TrialTracking.on_trial_end), so KerasTuner's is set out of reach.
-    common = dict(
-        hypermodel=hypermodel,
+    oracle_args = dict(
         objective=kt.Objective(OBJECTIVE, "max"),
         seed=t.seed,
+        max_consecutive_failed_trials=2**31,
+        budget=context.budget,
+    )
+    if t.kind == "random":
+        oracle = BudgetedRandomSearchOracle(max_trials=t.max_trials, **oracle_args)
+        kind = TrackedRandomSearch
+    elif t.kind == "bayesian":
+        oracle = BudgetedBayesianOptimizationOracle(
+            max_trials=t.max_trials, num_initial_points=t.num_initial_points, alpha=t.alpha, beta=t.beta, **oracle_args
+        )
+        kind = TrackedBayesianOptimization
+    else:
+        oracle = BudgetedHyperbandOracle(
+            max_epochs=t.max_epochs, factor=t.factor, hyperband_iterations=t.hyperband_iterations, **oracle_args
+        )
+        oracle.max_trials = t.max_trials  # Hyperband takes no max_trials; its oracle honours one
+        kind = TrackedHyperband
+    return kind(
+        oracle=oracle,
+        hypermodel=hypermodel,
         executions_per_trial=t.executions_per_trial,
         directory=directory,
         project_name=project,
         overwrite=overwrite,
-        max_consecutive_failed_trials=2**31,
         context=context,
     )
-    if t.kind == "random":
-        return TrackedRandomSearch(max_trials=t.max_trials, **common)
-    if t.kind == "bayesian":
-        return TrackedBayesianOptimization(
-            max_trials=t.max_trials, num_initial_points=t.num_initial_points, alpha=t.alpha, beta=t.beta, **common
-        )
-    tuner = TrackedHyperband(
-        max_epochs=t.max_epochs, factor=t.factor, hyperband_iterations=t.hyperband_iterations, **common
-    )
-    tuner.oracle.max_trials = t.max_trials  # Hyperband takes no max_trials; its oracle honours one
-    return tuner
 
 
 # ---- MLflow bookkeeping ------------------------------------------------------------------------

@@ -71,6 +71,9 @@ def test_builds_with_the_documented_layer_table(name):
     start = 0
     for i, (shape, row_params) in enumerate(rows):
         at = shapes.index(shape, start)
+        while row_params and params[at] == 0 and shape in shapes[at + 1 :]:
+            # a weightless layer of the same shape (dropout after global pooling) folds into the row before
+            at = shapes.index(shape, at + 1)
         assert sum(params[start:at]) == 0, (name, i, "parameters in layers the table leaves out")
         assert params[at] == row_params, (name, i, model.layers[at].name)
         start = at + 1
@@ -133,7 +136,7 @@ def test_optional_layers_train_only_and_conv_layers_picks_the_first_slots():
     model = create_model(spec("lenet_search", conv_layers=4, augment_shift=0.125, dropout=0.5), 10)
     names = [layer.name for layer in model.layers]
     assert {"flip", "shift", "conv4", "bn4", "dropout0", "dropout1"} <= set(names)
-    assert model.get_layer("conv4").filters == 128 and not model.get_layer("conv1").use_bias
+    assert model.get_layer("conv4").filters == 256 and not model.get_layer("conv1").use_bias
     x = np.random.default_rng(0).random((4, 32, 32, 3), dtype=np.float32)
     # inference: augmentation and dropout are the identity, so two calls agree exactly
     assert np.array_equal(model(x, training=False).numpy(), model(x, training=False).numpy())
@@ -145,7 +148,7 @@ def test_optional_layers_train_only_and_conv_layers_picks_the_first_slots():
         "pool1",
         "conv2",
         "pool2",
-        "flatten",
+        "gap",
         "dense1",
         "output",
     ]

@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import keras_tuner as kt
@@ -15,6 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, all_artifacts, compose_sweep, make_image_folder, run_cli, runs_of, sweep_overrides
+from lenet_sweep import budget as budget_module
 from lenet_sweep import sweep, tuner
 from lenet_sweep.data import cache
 from lenet_sweep.errors import UserError
@@ -39,7 +41,7 @@ def test_each_value_lands_at_its_config_key_and_builds_through_the_model_builder
             "conv_layers": 4,
             "filters_1": 16,
             "filters_3": 64,
-            "filters_4": 32,
+            "filters_4": 128,
             "dense_1": 256,
             "output_activation": "relu",
             "optimizer": "sgd",
@@ -50,7 +52,7 @@ def test_each_value_lands_at_its_config_key_and_builds_through_the_model_builder
         }
     )
     trial = sweep.trial_config(cfg, space, optimizers, hp)
-    assert trial.model.conv_layers == 4 and list(trial.model.filters) == [16, 32, 64, 32]
+    assert trial.model.conv_layers == 4 and list(trial.model.filters) == [16, 32, 64, 128]
     assert list(trial.model.dense) == [256] and trial.model.output_activation == "relu"
     assert trial.optimizer.name == "SGD" and trial.optimizer.learning_rate == 0.02
     assert trial.optimizer.momentum == 0.9 and trial.train.epochs == 10 and trial.model.dropout == 0.5
@@ -58,7 +60,7 @@ def test_each_value_lands_at_its_config_key_and_builds_through_the_model_builder
     assert "adam_learning_rate" not in values and values["sgd_learning_rate"] == 0.02  # inactive branch
     # the trial's model is what the builder makes from the same config by hand
     model = create_model(trial.model, 10)
-    assert [model.get_layer(f"conv{i}").filters for i in range(1, 5)] == [16, 32, 64, 32]
+    assert [model.get_layer(f"conv{i}").filters for i in range(1, 5)] == [16, 32, 64, 128]
     assert model.get_layer("output").activation.__name__ == "relu"
     assert cfg.model.conv_layers == 3  # the sweep's own config is untouched
 
@@ -102,6 +104,7 @@ def test_a_value_outside_the_schema_is_refused_when_the_config_is_composed(bad, 
         (["+search.space.few={key: model.dropout, type: int, min: 3, max: 1}"], "needs `min` <= `max`"),
         (["tuner.seed=0"], "KerasTuner reads 0 as unseeded"),
         (["tuner.factor=1"], "tuner.factor=1: must be at least 2"),
+        (["sweep.budget_margin=1"], "sweep.budget_margin=1.0: must be at least 0 and less than 1"),
         (["search.space.dropout.values=[0,0.25]"], "KerasTuner refuses search=default"),  # int and float
         (
             ["search.space.adam_learning_rate.sampling=cubic"],
@@ -441,3 +444,69 @@ def test_a_trial_finished_but_unsaved_at_a_kill_is_not_trained_or_logged_again(f
     assert len(fits) == 1  # only the second trial trains; the first is taken from its MLflow run
     assert sorted(c.data.tags["lenet_sweep.trial_id"] for c in runs_of(store, "trial")) == ["0", "1"]
     assert [r["status"] for r in result.rows] == ["FINISHED", "FINISHED"]
+
+
+# ---- the budget --------------------------------------------------------------------------------
+
+
+def test_a_budget_plans_hyperband_brackets_to_fit_and_the_summary_says_how_it_went(
+    folder, tmp_path, store, monkeypatch
+):
+    # The budget's clock moves 60 s per epoch trained, and only then: the same plans on any machine.
+    clock = {"now": 0.0}
+    monkeypatch.setattr(budget_module, "budget_clock", lambda: clock["now"])
+    real_fit = tuner.TrialModel.fit
+
+    def timed_fit(self, *args, **kwargs):
+        history = real_fit(self, *args, **kwargs)
+        clock["now"] += 60.0 * len(history.epoch)
+        return history
+
+    monkeypatch.setattr(tuner.TrialModel, "fit", timed_fit)
+    base = sweep_overrides(
+        folder,
+        tmp_path,
+        store,
+        "tuner.max_epochs=3",  # bracket 1: 3 trials of 1 epoch, the best on to 3 (300 s); bracket 0: 2 of 3 (360 s)
+        "sweep.early_stopping_patience=null",
+        "sweep.prune.enabled=false",
+        "sweep.budget_margin=0",
+    )
+    lines: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = sweep.run_sweep(*compose_sweep([*base, "sweep.budget_minutes=9.5"]), lines.append)
+    # bracket 1 (300 s), then 270 s left: bracket 0 (360 s) is skipped, bracket 1 again (300 s) does not fit
+    # whole, its first round does (180 s); then nothing fits the 90 s left
+    epochs = sorted(int(r["tuner/epochs"]) for r in result.rows)
+    assert len(result.rows) == 7 and epochs == [1] * 6 + [3]
+    assert "budget: skipped bracket 0: 2 trials to epoch 3 (~0:06:00 needed, 0:04:30 left to plan)" in lines
+    assert (
+        "budget: started bracket 1 (1 of 2 rounds): 3 trials to epoch 1 (~0:03:00 needed, 0:04:30 left to plan)"
+        in lines
+    )
+    assert any(line.startswith("budget: no Hyperband bracket fits the 0:01:30 left") for line in lines), lines
+    assert "budget: pass 2 over Hyperband's brackets starts, beyond tuner.hyperband_iterations=1" in " ".join(lines)
+    spent = result.budget
+    assert (spent["brackets_run"], spent["brackets_shortened"], spent["brackets_skipped"]) == (2, 1, 1)
+    assert spent["budget_used_seconds"] == spent["trials_seconds"] == 480 and spent["seconds_per_epoch"] == 60
+    assert spent["epochs_trained"] == 8 and "no Hyperband bracket fits" in spent["stopped_because"]
+    words = sweep.budget_lines(spent)
+    assert words[0].startswith("budget 0:09:30 (sweep.budget_minutes=9.5): used 0:08:00 = set-up 0:00:00 + 7 trials")
+    assert words[1] == "Hyperband brackets: 2 run (1 shortened to fit), 1 skipped (did not fit the time left)"
+    (parent,) = runs_of(store, "sweep")
+    assert parent.data.metrics["brackets_skipped"] == 1 and parent.data.metrics["budget_used_seconds"] == 480
+    assert parent.data.metrics["budget_minutes"] == 9.5 and "1 skipped" in parent.data.tags["lenet_sweep.budget"]
+
+    # A promotion says what it loads, once, instead of Keras' warning
+    (promoted,) = [r for r in result.rows if r["tuner/epochs"] == 3]
+    said = [line for line in lines if " continues trial " in line]
+    assert len(said) == 1 and said[0].startswith(f"trial {promoted['trial']} continues trial ")
+    assert "'s weights from epoch 1 (its best) with a fresh optimizer (KerasTuner's checkpoint holds" in said[0]
+    assert not [w for w in caught if "Skipping variable loading" in str(w.message)]
+
+    # The budget is not part of what a resumed sweep must match: a rerun with another one goes on, and
+    # plans with the costs the first run measured (nothing fits a minute)
+    again = sweep.run_sweep(*compose_sweep([*base, "sweep.budget_minutes=1"]))
+    assert again.resumed and len(again.rows) == 7 and again.budget["trials_timed"] == 0
+    assert "no Hyperband bracket fits the 0:01:00 left" in again.budget["stopped_because"]

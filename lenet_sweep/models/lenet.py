@@ -29,8 +29,8 @@ Modified LeNet (`model=modified_lenet`, 582,186 parameters with 10 classes)::
     Dense 64, ReLU                      (64,)          524,352
     Dense 10, ReLU (sic)                (10,)              650
 
-The sweep's starting point (`model=lenet_search`, 189,290 parameters with 10 classes; the search
-space in conf/search/default.yaml varies every knob below)::
+The sweep's starting point (`model=lenet_search`, 111,722 parameters with 10 classes at any input size;
+the search space in conf/search/default.yaml varies every knob below)::
 
     layer                               output shape     params
     Input                               (32, 32, 3)
@@ -41,11 +41,11 @@ space in conf/search/default.yaml varies every knob below)::
     Conv2D 64, 3x3, same, no bias       (16, 16, 64)    18,432
     BatchNormalization, ReLU            (16, 16, 64)       256
     MaxPooling2D 2x2                    (8, 8, 64)
-    Conv2D 64, 3x3, same, no bias       (8, 8, 64)      36,864
-    BatchNormalization, ReLU            (8, 8, 64)         256
-    MaxPooling2D 2x2                    (4, 4, 64)
-    Flatten, Dropout 0.25               (1024,)
-    Dense 128, ReLU, Dropout 0.25       (128,)         131,200
+    Conv2D 128, 3x3, same, no bias      (8, 8, 128)     73,728
+    BatchNormalization, ReLU            (8, 8, 128)        512
+    MaxPooling2D 2x2                    (4, 4, 128)
+    GlobalAveragePooling2D, Dropout 0.25  (128,)
+    Dense 128, ReLU, Dropout 0.25       (128,)          16,512
     Dense 10, softmax                   (10,)            1,290
 
 A ReLU output is not a probability vector. The study trained it with Keras' sparse categorical
@@ -60,6 +60,9 @@ Optional layers, all off in the study's models and searched by the sweep (conf/s
 
     knob                  adds
     conv_layers: N        keeps the first N entries of filters and kernel_sizes (null: all)
+    head: gap             GlobalAveragePooling2D instead of Flatten: the dense layers see one value per
+                          filter, so their size no longer grows with the input side (a 64 px model has as
+                          many parameters as its 32 px version, and a model screened at 32 px refits at 64)
     augment_flip: true    RandomFlip horizontal after the input (training only)
     augment_shift: F      RandomTranslation by up to F of the side, zero fill (a padded crop; training only)
     batch_norm: true      Conv2D without bias -> BatchNormalization -> activation, in every conv block
@@ -136,7 +139,10 @@ def build_lenet(spec: Mapping[str, Any], num_classes: int) -> keras.Model:
                 x
             )
         x = POOLING[spec["pooling"]](2, name=f"pool{i}")(x)
-    x = keras.layers.Flatten(name="flatten")(x)
+    if spec["head"] == "gap":
+        x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    else:
+        x = keras.layers.Flatten(name="flatten")(x)
     if dropout:
         x = keras.layers.Dropout(dropout, name="dropout0")(x)
     for i, width in enumerate(spec["dense"], start=1):

@@ -153,7 +153,8 @@ def gather(client: MlflowClient, experiment_id: str, parent) -> Evidence:
         else [
             _run(art, r)
             for r in store.trial_runs(client, experiment_id, best.info.run_id)
-            if r.info.status == "FINISHED"
+            # the refit trains at another fidelity: not one of the seeds
+            if r.info.status == "FINISHED" and r.data.tags.get("lenet_sweep.kind") != "refit"
         ]
     )
     singles = _singles(art, client, experiment_id, parent)

@@ -299,6 +299,9 @@ def _sweep_facts(ev: Evidence) -> dict[str, Any]:
         "failed": status.get("FAILED", 0),
         "killed": status.get("KILLED", 0),
         "running": status.get("RUNNING", 0),
+        # Pruned trials end FINISHED (their score is real): counted apart, with what stopping them saved.
+        "pruned": sum("lenet_sweep.pruned" in t.tags for t in ev.trials),
+        "pruned_seconds_saved": _finite(p.data.metrics.get("pruned_seconds_saved")),
         "executions": store.number(p.data.params.get("tuner.executions_per_trial")),
         "seconds": _finite(p.data.metrics.get("sweep_seconds")),
         "commit": p.data.tags.get("mlflow.source.git.commit"),
@@ -408,6 +411,10 @@ def _candidate_row(row: Mapping[str, Any]) -> dict[str, Any]:
         "per_seed": row.get("val_accuracy_per_seed"),
         "hyperparameters": row.get("hyperparameters"),
         "winner": row.get("winner") == "yes",
+        # `best`'s race (absent from older runs' files): the interval and why the candidate stopped
+        "low": to_float(row.get("val_accuracy_lo")),
+        "high": to_float(row.get("val_accuracy_hi")),
+        "stopped": row.get("stopped") or "",
     }
 
 
@@ -420,7 +427,12 @@ def _multi_seed_facts(ev: Evidence) -> dict[str, Any]:
     return {
         "run_id": ev.best.info.run_id,
         "winner_trial": tags.get("lenet_sweep.winner_trial"),
-        "winner_seed": tags.get("lenet_sweep.winner_seed"),
+        # The exported model's seed: the refit's when it was exported (best.final), else the racing winner's.
+        "winner_seed": tags.get("lenet_sweep.exported_seed", tags.get("lenet_sweep.winner_seed")),
+        "exported": tags.get("lenet_sweep.exported", ""),
+        "refit_input_size": _finite(m.get("refit_input_size")),
+        "refit_epochs": _finite(m.get("refit_epochs")),
+        "refit_val_accuracy": _finite(m.get("refit_val_accuracy")),
         "test_accuracy": _finite(m.get("test_accuracy")),
         "test_loss": _finite(m.get("test_loss")),
         "val_mean": _finite(m.get("val_accuracy_mean")),

@@ -190,6 +190,16 @@ def winner_sentences(facts: dict) -> list[str]:
         f"{won['seeds'] if won else ms['seeds']} seeds; test accuracy {acc(ms['test_accuracy'])} "
         "(evaluated once)"
     ]
+    if ms.get("exported") == "refit":
+        out.append(
+            f"exported: the winner refitted at {ms['refit_input_size']:.0f} px for {ms['refit_epochs']:.0f} epochs "
+            f"(val accuracy {acc(ms['refit_val_accuracy'])}); the test accuracy is this model's"
+        )
+    elif ms.get("exported") == "racing":
+        out.append(
+            f"exported: the winner's best racing model; its refit at {ms['refit_input_size']:.0f} px scored "
+            f"val accuracy {acc(ms['refit_val_accuracy'])}, below the winner's interval, so it was not used"
+        )
     if ms["optimism"]["n"]:
         out.append(
             f"the sweep's one-seed scores of the retrained configurations were "
@@ -218,6 +228,18 @@ def header(doc: Doc, ev: Evidence, facts: dict, cfg: DictConfig, store_uri: str)
         f"Sweep {sw['name']!r} (MLflow run {sw['run_id']}, {sw['status']}) in experiment "
         f"{cfg.mlflow.experiment!r} of {store.redact(store_uri)}: {sw['tuner']} search over "
         f"{len(sw['dimensions'])} dimensions, {sw['trials']} trials ({counts}){minutes}."
+        + (
+            f" {sw['pruned']} of the finished trials were pruned (at chance or diverging: stopped at once, "
+            "scored as they stood)"
+            + (
+                f", saving about {sw['pruned_seconds_saved'] / 60:.1f} minutes of training"
+                if sw.get("pruned_seconds_saved")
+                else ""
+            )
+            + "."
+            if sw.get("pruned")
+            else ""
+        )
     )
     seeds = (
         "Each sweep trial trains with its own seed (the sweep's seed plus its trial number), so a spread "
@@ -560,10 +582,12 @@ def winner_section(doc: Doc, facts: dict) -> None:
             "trial",
             "sweep val (one seed)",
             "val mean ± std",
+            "interval",
             "seeds",
             "failed",
             "per seed",
             "winner",
+            "why it stopped",
             "hyperparameters",
         ],
         [
@@ -572,10 +596,12 @@ def winner_section(doc: Doc, facts: dict) -> None:
                 c["trial"],
                 c["sweep_val_accuracy"],
                 f"{acc(c['mean'])} ± {acc(c['std'])}",
+                f"[{c['low']:.4f}, {c['high']:.4f}]" if math.isfinite(c["low"]) and math.isfinite(c["high"]) else "–",
                 c["seeds"],
                 c["failed"],
                 c["per_seed"],
                 "yes" if c["winner"] else "",
+                c["stopped"],
                 c["hyperparameters"],
             ]
             for c in facts["multi_seed"].get("candidates", [])
