@@ -356,14 +356,16 @@ def load_run_model(client: MlflowClient, run_id: str) -> keras.Model:
 # ---- racing over seeds and the choice ---------------------------------------------------------
 
 
-def t_interval(scores: Sequence[float], confidence: float) -> tuple[float, float]:
-    """Two-sided t confidence interval of the mean of the finite `scores`; unbounded (-inf, inf) with fewer
-    than two, where nothing bounds the spread yet."""
+def t_interval(scores: Sequence[float], confidence: float, min_std: float = 0.0) -> tuple[float, float]:
+    """Two-sided t confidence interval of the mean of the finite `scores`, their spread taken as at least
+    `min_std` (two equal scores are no certainty); unbounded (-inf, inf) with fewer than two, where nothing
+    bounds the spread yet."""
     ok = np.asarray(scores, dtype=float)
     ok = ok[np.isfinite(ok)]
     if len(ok) < 2:
         return -math.inf, math.inf
-    half = float(stats.t.ppf((1 + confidence) / 2, len(ok) - 1) * np.std(ok, ddof=1) / np.sqrt(len(ok)))
+    spread = max(float(np.std(ok, ddof=1)), min_std)
+    half = float(stats.t.ppf((1 + confidence) / 2, len(ok) - 1) * spread / np.sqrt(len(ok)))
     mean = float(np.mean(ok))
     return mean - half, mean + half
 
@@ -376,6 +378,7 @@ class Summary:
     runs: list[Retraining] = field(default_factory=list)
     stopped: str = ""  # why it trains no more seeds: "winner (...)", "clearly behind: ...", "max seeds", ...
     out: bool = False  # out of the choice: clearly behind the leader, or diverged where others did not
+    min_std: float = 0.0  # best.min_std: the smallest seed-to-seed spread its interval assumes
 
     @property
     def scores(self) -> np.ndarray:
@@ -405,7 +408,7 @@ class Summary:
         return float(np.std(ok, ddof=1)) if len(ok) > 1 else 0.0
 
     def interval(self, confidence: float) -> tuple[float, float]:
-        return t_interval(self.scores, confidence)
+        return t_interval(self.scores, confidence, self.min_std)
 
     def lcb(self, confidence: float) -> float:
         """The lower confidence bound of its mean validation accuracy: what racing and the choice rank by."""
@@ -745,7 +748,7 @@ def run_best(cfg: DictConfig, overridden: Sequence[str] = (), print_fn: Optional
         logged = previous.data.params if previous else {}
         wanted = settings | race_settings | {"best.early_stopping_patience": patience}
         mlflow.log_params({k: v for k, v in wanted.items() if k not in logged})
-        summaries = [Summary(c) for c in chosen]
+        summaries = [Summary(c, min_std=b.min_std) for c in chosen]
         racing_seconds = budget * (1 - final.share)
 
         def train_next(summary: Summary) -> str:
@@ -794,7 +797,8 @@ def run_best(cfg: DictConfig, overridden: Sequence[str] = (), print_fn: Optional
 
         # The refit: the winner's config at the final fidelity, train split only, validated on val.
         refit_cfg = retraining_config(winner.candidate, cfg, overridden, b.first_seed)
-        size = int(final.input_size or refit_cfg.model.input_size)
+        # Never smaller than the winner's own input (a sweep of the study's 128 px models is not refit down).
+        size = max(int(final.input_size or 0), int(refit_cfg.model.input_size))
         refit_cfg.model.input_size = size
         name = f"refit of trial {winner.candidate.trial_id} (seed {b.first_seed}) at {size}x{size} px"
         earlier = done.get(("refit", winner.candidate.trial_id, b.first_seed))
@@ -820,7 +824,8 @@ def run_best(cfg: DictConfig, overridden: Sequence[str] = (), print_fn: Optional
                 r for s in summaries for r in s.runs if r.epoch_seconds
             ]
             per_epoch, besides = epoch_estimate(timed, size, final.margin)
-            left = budget - (time.perf_counter() - started)
+            # (final.reserve_seconds kept for the test evaluation, export and registration after it)
+            left = budget - (time.perf_counter() - started) - final.reserve_seconds
             epochs, why = refit_epochs(final.epochs, final.min_epochs, left, per_epoch, besides)
             refit_cfg.train.epochs = epochs
             say(f"{name}: {why}")
@@ -850,6 +855,8 @@ def run_best(cfg: DictConfig, overridden: Sequence[str] = (), print_fn: Optional
                 f"{chosen_run.input_size}x{chosen_run.input_size} px, the sweep's fidelity)"
             )
             export_cfg, exported = retraining_config(winner.candidate, cfg, overridden, chosen_run.seed), chosen_run
+            if b.race_epochs:  # as it was trained (train_next)
+                export_cfg.train.epochs = b.race_epochs
         _log_refit(fitted, exported, holds)
 
         # The test split, once, for the exported model only, at its input size.

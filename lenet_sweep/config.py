@@ -364,7 +364,8 @@ class SweepSettings:
     worker_id: Optional[str] = MISSING
     lease_seconds: float = knob(gt=0.0)
     chief_wait_minutes: float = knob(gt=0.0)
-    # Added after sweeps were recorded: older ones read back with pruning as it is now.
+    # Added after sweeps were recorded: their configs read back with pruning as it is now (their saved state
+    # folders hold no prune settings, so resuming one of them is refused as another configuration).
     prune: PruneSettings = field(default_factory=PruneSettings)
 
 
@@ -392,6 +393,7 @@ class FinalFit:
     min_epochs: int = knob(ge=1)
     share: float = knob(gt=0.0, lt=1.0)
     margin: float = knob(ge=1.0, why="a margin below 1 plans on epochs faster than any measured")
+    reserve_seconds: float = knob(ge=0.0, default=0.0)
 
 
 @dataclass
@@ -405,6 +407,7 @@ class BestSettings:
     budget_minutes: float = knob(gt=0.0)
     final: FinalFit = field(default_factory=FinalFit)
     race_epochs: Optional[int] = knob(ge=1, default=None)
+    min_std: float = knob(ge=0.0, lt=1.0, default=0.0)
 
 
 @dataclass

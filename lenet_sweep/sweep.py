@@ -647,7 +647,7 @@ def summarise(
             "output_activation": p.get("model.output_activation"),
             "run_id": run.info.run_id,
             "failure_reason": run.data.tags.get("failure_reason", ""),
-            "pruned": run.data.tags.get("lenet_sweep.pruned", ""),
+            "pruned": next((v for k, v in sorted(run.data.tags.items()) if k.startswith("lenet_sweep.pruned")), ""),
             "pruned_seconds_saved": pruned_seconds_saved(run),
         }
         row |= {name: number(p.get(name)) for name in names}
@@ -709,7 +709,7 @@ def pruned_seconds_saved(run) -> float:
     """What pruning saved a trial: the epochs it was given but did not train, at its own seconds per epoch
     (0 if it was not pruned)."""
     m, p = run.data.metrics, run.data.params
-    if "lenet_sweep.pruned" not in run.data.tags or not m.get("epochs_run"):
+    if not any(k.startswith("lenet_sweep.pruned") for k in run.data.tags) or not m.get("epochs_run"):
         return 0.0
     planned = number(p.get("train.epochs"))
     left = (planned if isinstance(planned, (int, float)) else 0) - m.get("last_epoch", planned)

@@ -612,6 +612,9 @@ class BudgetedHyperbandOracle(BudgetedOracle, HyperbandOracle):
 
     def populate_space(self, trial_id):
         if self.budget is None:
+            # A budgeted invocation may have gone on past hyperband_iterations; KerasTuner stops only when
+            # the pass it is in is the last one (an equality), so it must count this pass as that.
+            self.hyperband_iterations = max(self.hyperband_iterations, self._current_iteration + 1)
             return super().populate_space(trial_id)
         over = self._budget_over()
         if over:
@@ -623,13 +626,33 @@ class BudgetedHyperbandOracle(BudgetedOracle, HyperbandOracle):
         iterations, self.hyperband_iterations = self.hyperband_iterations, math.inf
         self._deciding = True
         try:
-            return super().populate_space(trial_id)
+            return self._affordable(super().populate_space(trial_id), trial_id)
         except _NewBracketDue:
             pass
         finally:
             self._deciding = False
             self.hyperband_iterations = iterations
         return self._start_planned_bracket(trial_id)
+
+    def _affordable(self, result: dict[str, Any], trial_id: str) -> dict[str, Any]:
+        """`result` if its trial, of a bracket already started, ends before the plans' end at the current
+        estimate; else none starts and the search ends. A bracket's plan was checked when it started, but
+        the estimate moves (a promotion near the end of the budget would overrun it by its whole length)."""
+        values = result.get("values")
+        if result.get("status") != TrialStatus.RUNNING or not values:
+            return result
+        epochs, cost = self.budget.planned_epochs(values), self.budget.cost()
+        if cost is None or cost.of(epochs) <= self.budget.left() - self.budget.committed(self.workers):
+            return result
+        for bracket in self._brackets:  # KerasTuner recorded the trial in its round: it will not exist
+            for round_info in bracket["rounds"]:
+                round_info[:] = [info for info in round_info if info["id"] != trial_id]
+        self.budget.stop(
+            f"the next trial ({epochs:g} epochs) would not end within sweep.budget_minutes="
+            f"{self.budget.minutes:g} less sweep.budget_margin: no new trial starts; rerun the same command "
+            "to go on with a new budget"
+        )
+        return self._no_trial()
 
     def _plan_of(self, bracket: Mapping[str, Any]):
         return hyperband_plans(self)[bracket["bracket_num"]].shortened(len(bracket["rounds"]))

@@ -15,6 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from PIL import Image
+from scipy import stats
 
 from conftest import (
     compose_config,
@@ -617,3 +618,12 @@ def test_a_refit_at_another_input_size_is_exported_at_that_size_and_tested_once(
     assert any("3 epochs (best.final.epochs)" in line for line in lines)
     spent = result.spent
     assert spent["total"] == pytest.approx(spent["racing"] + spent["refit"] + spent["test_export"])
+
+
+def test_two_equal_scores_are_no_certainty_with_a_spread_floor():
+    assert best.t_interval([0.7, 0.7], 0.9) == (0.7, 0.7)  # no floor: a zero-width interval
+    lo, hi = best.t_interval([0.7, 0.7], 0.9, min_std=0.01)
+    half = stats.t.ppf(0.95, 1) * 0.01 / np.sqrt(2)
+    assert lo == pytest.approx(0.7 - half) and hi == pytest.approx(0.7 + half)
+    # a real spread above the floor is used as it is
+    assert best.t_interval([0.6, 0.8], 0.9, min_std=0.01) == best.t_interval([0.6, 0.8], 0.9)

@@ -300,7 +300,7 @@ def _sweep_facts(ev: Evidence) -> dict[str, Any]:
         "killed": status.get("KILLED", 0),
         "running": status.get("RUNNING", 0),
         # Pruned trials end FINISHED (their score is real): counted apart, with what stopping them saved.
-        "pruned": sum("lenet_sweep.pruned" in t.tags for t in ev.trials),
+        "pruned": sum(any(k.startswith("lenet_sweep.pruned") for k in t.tags) for t in ev.trials),
         "pruned_seconds_saved": _finite(p.data.metrics.get("pruned_seconds_saved")),
         "executions": store.number(p.data.params.get("tuner.executions_per_trial")),
         "seconds": _finite(p.data.metrics.get("sweep_seconds")),
