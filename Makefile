@@ -9,7 +9,7 @@ DATA ?= $(wildcard ../shared/datasets/imagenette)
 ARGS ?=
 
 .PHONY: install browser postgres lint fmt test sweep sweep-chief sweep-worker mlflow-server distributed-demo report ui \
-	reproduce bench clean
+	reproduce bench replay clean
 
 install: $(VENV)/.installed
 
@@ -42,8 +42,11 @@ fmt: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# pytest-xdist: TEST_WORKERS processes, each test file kept in one (its module fixtures are built once); many
+# tests wait on processes they start, so two workers on two cores take ~60 % of the serial time.
+TEST_WORKERS ?= 2
 test: install browser postgres lint
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 # The default sweep (conf/sweep.yaml): KerasTuner over conf/search/default.yaml, every trial in MLflow.
 sweep: install
@@ -72,6 +75,11 @@ distributed-demo: install
 # The sweep report (conf/report.yaml) of the latest sweep in the store: reports/<sweep>/report.{md,html}.
 report: install
 	$(PY) -m lenet_sweep.report $(ARGS)
+
+# One recorded trial (ARGS="sweep.name=NAME trial=ID") or `best` retraining (ARGS="run=RUN_ID") trained again and
+# compared epoch by epoch with what it recorded (conf/replay.yaml); non-zero exit when it differs.
+replay: install
+	$(PY) -m lenet_sweep.replay $(ARGS)
 
 # The MLflow UI on the project's store (mlruns/, or MLFLOW_TRACKING_URI) at http://127.0.0.1:$(PORT) (5000).
 ui: install

@@ -28,9 +28,10 @@ every candidate trained and none was chosen for.
 The budget. `best.budget_minutes` bounds the whole command on whatever machine runs it. Racing may spend
 1 - `best.final.share` of it: a retraining is not started when its estimate (the median of that
 candidate's retrainings, else of any candidate's) would overrun racing's share. The refit gets the rest,
-racing's leftover included; its epochs come from the racing runs' recorded epoch_seconds scaled by pixels,
-and never fall below `best.final.min_epochs` (a refit that short is not worth its time: it then runs over
-budget, and says so). The command prints how the budget was spent.
+racing's leftover included; its epochs come from the racing runs' recorded epoch_seconds scaled by the
+step-time ratio between the two input sizes, timed on this machine (`step_ratio`), and never fall below
+`best.final.min_epochs` (a refit that short is not worth its time: it then runs over budget, and says so).
+The command prints how the budget was spent.
 
 Every retraining and the refit is an MLflow run nested under one `best` run; a cut-off `best` run is
 resumed by the same command (finished retrainings and a finished refit are kept).
@@ -64,6 +65,7 @@ from lenet_sweep.cli import clock
 from lenet_sweep.config import check, register_configs
 from lenet_sweep.data import DataBySize, PreparedData, prepare_data
 from lenet_sweep.errors import UserError
+from lenet_sweep.report.fronts import add_to_card, export_cost
 from lenet_sweep.tracking import store
 from lenet_sweep.tracking.artifacts import Artifacts, no_scored_trial
 from lenet_sweep.tracking.runs import (
@@ -76,7 +78,7 @@ from lenet_sweep.tracking.runs import (
 )
 from lenet_sweep.tracking.store import open_store
 from lenet_sweep.train import RunResult, train_and_log
-from lenet_sweep.trial import OBJECTIVE, best_epoch, evaluate_on_test
+from lenet_sweep.trial import OBJECTIVE, best_epoch, compile_model, evaluate_on_test
 from lenet_sweep.tuner import describe
 
 Progress = Callable[[str], None]
@@ -204,66 +206,36 @@ def retrain(
     best_run_id: str,
     patience: Optional[int],
     print_fn: Optional[Progress] = None,
+    refit_why: str = "",
 ) -> Retraining:
-    """Train `candidate` once with `cfg.seed`, as a run nested under the `best` run; no test split.
+    """Train `candidate` once with `cfg` (its seed, input size and epochs), as a run nested under the `best`
+    run; no test split. The best validation-accuracy epoch's weights are kept: the run's model is the
+    best-epoch model, as KerasTuner's checkpoint of a trial is.
 
-    The sweep's early stopping, and the best validation-accuracy epoch's weights kept: the run's model is
-    the best-epoch model, as KerasTuner's checkpoint of a trial is.
+    A racing retraining (tag `lenet_sweep.kind=retrain`) unless `refit_why` says how a refit's epochs were
+    chosen (then `kind=refit`, and that reason is a tag of the run). `patience`: early stopping on
+    validation loss, None for none.
     """
     started = time.perf_counter()
+    kind = "refit" if refit_why else "retrain"
+    name = f"refit-trial-{candidate.trial_id}-{cfg.model.input_size}px" if refit_why else f"trial-{candidate.trial_id}"
     result = train_and_log(
         cfg,
         prepared,
         experiment_id,
         parent_run_id=best_run_id,
-        run_name=f"trial-{candidate.trial_id}-seed{cfg.seed}",
+        run_name=f"{name}-seed{cfg.seed}",
         print_fn=print_fn,
         test=False,
         patience=patience,
         keep_best=True,
         tags={
-            "lenet_sweep.kind": "retrain",
+            "lenet_sweep.kind": kind,
             "lenet_sweep.trial_id": candidate.trial_id,
             "lenet_sweep.seed": cfg.seed,
             "lenet_sweep.candidate": candidate.rank,
-        },
-    )
-    return _trained(candidate, cfg.seed, result, time.perf_counter() - started)
-
-
-def refit(
-    candidate: Candidate,
-    cfg: DictConfig,
-    prepared: PreparedData,
-    experiment_id: str,
-    best_run_id: str,
-    why: str,
-    print_fn: Optional[Progress] = None,
-) -> Retraining:
-    """Train the winner once more with `cfg` (its config at the final input size and epochs), as a run
-    nested under the `best` run and tagged `lenet_sweep.kind=refit`; no test split.
-
-    No early stopping: its epochs are the budget's choice, and the best validation-accuracy epoch's weights
-    are kept whatever the later epochs do. `why`: how its epochs were chosen (a tag of the run).
-    """
-    started = time.perf_counter()
-    result = train_and_log(
-        cfg,
-        prepared,
-        experiment_id,
-        parent_run_id=best_run_id,
-        run_name=f"refit-trial-{candidate.trial_id}-{cfg.model.input_size}px",
-        print_fn=print_fn,
-        test=False,
-        patience=None,
-        keep_best=True,
-        tags={
-            "lenet_sweep.kind": "refit",
-            "lenet_sweep.trial_id": candidate.trial_id,
-            "lenet_sweep.seed": cfg.seed,
-            "lenet_sweep.candidate": candidate.rank,
-            "lenet_sweep.refit_epochs": why,
-        },
+        }
+        | ({"lenet_sweep.refit_epochs": refit_why} if refit_why else {}),
     )
     return _trained(candidate, cfg.seed, result, time.perf_counter() - started)
 
@@ -564,17 +536,38 @@ def over_budget(estimate: Optional[float], elapsed: float, allowed: float) -> st
     return f"budget: its next seed would take ~{estimate:.0f}s, {max(left, 0.0):.0f}s of racing's {allowed:.0f}s left"
 
 
-def epoch_estimate(runs: Sequence[Retraining], size: int, margin: float) -> tuple[float, float]:
-    """(seconds per epoch, seconds per run besides its epochs) a training at `size` pixels should take:
-    the median epoch of the racing `runs`, each scaled by (size / its input size)^2 (convolutions and
-    decoded pixels grow with the area), and their median time outside epochs (building, logging, saving),
-    both times `margin`; nan when no epoch was timed."""
-    per_pixel = [e / r.input_size**2 for r in runs for e in r.epoch_seconds if math.isfinite(e)]
-    if not per_pixel:
+# Bare train steps timed per input size to scale racing's seconds per epoch to the refit's (a few seconds).
+PROBE_STEPS = 16
+
+
+def step_ratio(cfg: DictConfig, race: PreparedData, race_size: int, final: PreparedData, final_size: int) -> float:
+    """How many times longer a training step of `cfg`'s model takes per image at `final_size` than at
+    `race_size`, timed on this machine (the bench's bare train step on each size's first training batches,
+    the faster of two tries). Measured rather than assumed: scaling by pixels (4x from 32 to 64 px) priced
+    the refit's epochs at twice what they took, as convolutions on small maps and the per-step overhead do
+    not grow with the area."""
+    from lenet_sweep.bench import time_bare_step
+
+    seconds = []
+    for size, prepared in ((race_size, race), (final_size, final)):
+        sized = OmegaConf.merge(cfg, {"model": {"input_size": size}})
+        model = compile_model(sized, len(prepared.splits.classes))
+        timed = time_bare_step(model, prepared.decoded["train"], cfg.train.batch_size, PROBE_STEPS, repeats=2)
+        seconds.append(1.0 / timed["bare_step_images_per_second"])
+        del model
+    return seconds[1] / seconds[0]
+
+
+def epoch_estimate(runs: Sequence[Retraining], ratio: float, margin: float) -> tuple[float, float]:
+    """(seconds per epoch, seconds per run besides its epochs) the refit should take: the median epoch of
+    the racing `runs` times `ratio` (`step_ratio`), and their median time outside epochs (building, logging,
+    saving), both times `margin`; nan when no epoch was timed."""
+    timed = [e for r in runs for e in r.epoch_seconds if math.isfinite(e)]
+    if not timed:
         return math.nan, math.nan
     besides = [max(r.seconds - sum(r.epoch_seconds), 0.0) for r in runs if r.epoch_seconds and r.seconds > 0]
     return (
-        margin * float(np.median(per_pixel)) * size**2,
+        margin * float(np.median(timed)) * ratio,
         margin * (float(np.median(besides)) if besides else 0.0),
     )
 
@@ -684,7 +677,10 @@ def run_best(cfg: DictConfig, overridden: Sequence[str] = (), print_fn: Optional
     if parent.info.status == "RUNNING":
         say(f"note: sweep {cfg.sweep.name!r} is still RUNNING (or was cut off): ranking the trials it has")
     chosen = candidates(client, experiment_id, parent, b.top_k)
-    patience = sweep_patience(parent.data.params)
+    # Racing on fixed epochs trains them all: a cosine rate's validation loss swings before it anneals, and
+    # the sweep's early stopping (made for its own, longer rounds) ended racing runs after 3-4 of 10 epochs,
+    # widening their candidates' intervals with scores of a half-trained model. The best epoch is kept anyway.
+    patience = None if b.race_epochs else sweep_patience(parent.data.params)
     settings = {
         "sweep.run_id": parent.info.run_id,
         "best.top_k": b.top_k,
@@ -701,6 +697,9 @@ def run_best(cfg: DictConfig, overridden: Sequence[str] = (), print_fn: Optional
         "best.confidence": b.confidence,
         "best.budget_minutes": b.budget_minutes,
         "best.race_epochs": b.race_epochs,
+        # racing's early stopping (none on fixed race epochs): a cut-off run that raced with another one is
+        # not resumed, as its kept seeds and the new ones would not be trained alike
+        "best.early_stopping_patience": patience,
         **{f"best.final.{k}": v for k, v in final.items()},
     }
     latest = store.latest_best(client, experiment_id, parent.info.run_id)
@@ -816,20 +815,34 @@ def run_best(cfg: DictConfig, overridden: Sequence[str] = (), print_fn: Optional
             )
             say(f"{name}: val_accuracy {fitted.run.val_accuracy:.4f} (kept from the cut-off session)")
         else:
-            # Nothing trains at the racing sizes any more: their arrays go before the final size is decoded
-            # (a size decoded before loads back from the decode cache, when it is on).
-            trial_data.clear()
-            prepared = prepare_data(refit_cfg.data, size, refit_cfg.seed, say, splits=("train", "val"))
+            race_size = winner.runs[0].input_size if winner.runs else int(winner.candidate.config.model.input_size)
+            # Racing's epochs at the winner's size (its own, else any candidate's at that size) scaled by
+            # the measured step ratio (1 at the same size); the racing arrays are those racing decoded, or,
+            # for a resumed run whose racing was all kept, that size decoded again (from the decode cache,
+            # when it is on) to time it.
             timed = [r for r in winner.runs if r.epoch_seconds] or [
-                r for s in summaries for r in s.runs if r.epoch_seconds
+                r for s in summaries for r in s.runs if r.epoch_seconds and r.input_size == race_size
             ]
-            per_epoch, besides = epoch_estimate(timed, size, final.margin)
+            probe = timed and race_size != size
+            holder = trial_data.get(OmegaConf.to_yaml(refit_cfg.data)) or DataBySize(
+                refit_cfg.data, refit_cfg.seed, say
+            )
+            racing_data = holder.at(race_size) if probe else None
+            # Nothing trains at the racing sizes any more: their arrays go before the final size is decoded.
+            trial_data.clear()
+            del holder
+            prepared = prepare_data(refit_cfg.data, size, refit_cfg.seed, say, splits=("train", "val"))
+            ratio = 1.0 if timed and not probe else math.nan
+            if probe:
+                ratio = step_ratio(refit_cfg, racing_data, race_size, prepared, size)
+            del racing_data
+            per_epoch, besides = epoch_estimate(timed, ratio, final.margin)
             # (final.reserve_seconds kept for the test evaluation, export and registration after it)
             left = budget - (time.perf_counter() - started) - final.reserve_seconds
             epochs, why = refit_epochs(final.epochs, final.min_epochs, left, per_epoch, besides)
             refit_cfg.train.epochs = epochs
             say(f"{name}: {why}")
-            run = refit(winner.candidate, refit_cfg, prepared, experiment_id, best_id, why, print_fn)
+            run = retrain(winner.candidate, refit_cfg, prepared, experiment_id, best_id, None, print_fn, refit_why=why)
             fitted = Refit(run, size, epochs, why)
             del prepared
         refit_cfg.train.epochs = fitted.epochs
@@ -902,8 +915,11 @@ def run_best(cfg: DictConfig, overridden: Sequence[str] = (), print_fn: Optional
             best_id,
             patience,
         )
-        mlflow.log_text(card, export.CARD)
         export.write(target, model, export_yaml, export.labels(test.splits.classes, test.names), prep, card)
+        # Its size and speed as exported (model.keras loaded back, timed on this CPU), added to its card.
+        cost = export_cost(target)
+        mlflow.log_text(add_to_card(target, cost), export.CARD)
+        mlflow.log_metrics(cost.metrics())
         mlflow.set_tag("lenet_sweep.export_dir", str(target))
         say(f"exported to {target}")
         version = previous.data.tags.get("lenet_sweep.registered_version") if previous else None

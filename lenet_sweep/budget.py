@@ -16,9 +16,11 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from itertools import combinations
 from statistics import median
 from typing import Any, Optional
+
+import numpy as np
+from scipy import stats
 
 from lenet_sweep.cli import clock
 
@@ -54,9 +56,9 @@ class Cost:
 def estimate_cost(records: Sequence[tuple[float, float]]) -> Optional[Cost]:
     """The cost of a trial, fitted to ended trials' (epochs trained, wall seconds); None before any.
 
-    The seconds per epoch are the median slope between pairs of trials of different lengths (Theil-Sen:
-    a few odd trials do not move it), the setup the median of what each trial took beyond its epochs. While
-    all trials trained equally long the two cannot be told apart, and all counts per epoch (the longer
+    The seconds per epoch are the median slope between pairs of trials of different lengths (Theil-Sen,
+    scipy's: a few odd trials do not move it), the setup the median of what each trial took beyond its epochs.
+    While all trials trained equally long the two cannot be told apart, and all counts per epoch (the longer
     trials Hyperband promotes later are then overestimated, never under). Last, both are scaled so the model
     adds up to the seconds the trials took: trial costs vary with their configuration, and the budget is
     spent by their sum, not by the typical one.
@@ -64,10 +66,13 @@ def estimate_cost(records: Sequence[tuple[float, float]]) -> Optional[Cost]:
     points = [(float(e), float(s)) for e, s in records if e > 0 and s >= 0]
     if not points:
         return None
-    slopes = [(s2 - s1) / (e2 - e1) for (e1, s1), (e2, s2) in combinations(points, 2) if e2 != e1]
-    per_epoch = median(slopes) if slopes else 0.0
+    per_epoch = setup = 0.0
+    if len({e for e, _ in points}) > 1:  # theilslopes needs two lengths
+        with np.errstate(invalid="ignore"):  # its confidence interval (unused) is nan for a few points
+            fit = stats.theilslopes([s for _, s in points], [e for e, _ in points], method="joint")
+        per_epoch, setup = float(fit.slope), float(fit.intercept)  # intercept: median of s - slope * e
     if per_epoch > 0:
-        setup = max(median(s - per_epoch * e for e, s in points), 0.0)
+        setup = max(setup, 0.0)
     else:  # one length only, or noise: everything per epoch
         setup, per_epoch = 0.0, median(s / e for e, s in points)
     modelled = sum(setup + per_epoch * e for e, _ in points)
@@ -205,7 +210,8 @@ class Budget:
     ended: Optional[float] = None
     records: list[dict[str, Any]] = field(default_factory=list)  # this invocation's ended trials
     earlier: list[dict[str, Any]] = field(default_factory=list)  # earlier invocations' (the oracle's saved state)
-    running: dict[str, tuple[float, float]] = field(default_factory=dict)  # trial id -> (start, planned epochs)
+    # trial id -> (start, planned epochs, the tuner (worker) that holds it)
+    running: dict[str, tuple[float, float, Optional[str]]] = field(default_factory=dict)
     runs: list[dict[str, Any]] = field(default_factory=list)  # Hyperband brackets this invocation started
     skipped: list[int] = field(default_factory=list)  # brackets it passed over: they did not fit
     stopped_because: str = ""  # why the budget ended the search ('' if it did not)
@@ -226,10 +232,10 @@ class Budget:
         return self.seconds * (1.0 - self.margin) - self.elapsed()
 
     def cost(self) -> Optional[Cost]:
-        """The cost model from this invocation's trials, or before its first one ends, from earlier ones' (the
-        latest `RECORDS_FITTED`)."""
-        timed = [r for r in self.records if r.get("epochs") is not None]
-        timed = (timed or [r for r in self.earlier if r.get("epochs") is not None])[-RECORDS_FITTED:]
+        """The cost model from the latest `RECORDS_FITTED` trials, earlier invocations' (the oracle's saved
+        state) then this one's: a resumed sweep's first timed trial adds to what came before instead of
+        replacing it, and its own trials push the oldest out as they end."""
+        timed = [r for r in [*self.earlier, *self.records] if r.get("epochs") is not None][-RECORDS_FITTED:]
         cost = estimate_cost([(r["epochs"], r["seconds"]) for r in timed])
         share = trained_share([(r["epochs"], r["planned"]) for r in timed if r.get("planned")])
         return replace(cost, share=share) if cost else None
@@ -252,10 +258,15 @@ class Budget:
         if cost is None:
             return 0.0
         now = budget_clock()
-        return sum(max(cost.of(e) - (now - t0), 0.0) for t0, e in self.running.values()) / max(workers, 1)
+        return sum(max(cost.of(e) - (now - t0), 0.0) for t0, e, _ in self.running.values()) / max(workers, 1)
 
-    def begin(self, trial_id: str, values: Mapping[str, Any]) -> None:
-        self.running.setdefault(trial_id, (budget_clock(), self.planned_epochs(values)))
+    def begin(self, trial_id: str, values: Mapping[str, Any], tuner_id: Optional[str] = None) -> None:
+        """Trial `trial_id` is handed to tuner `tuner_id`. The same tuner asking again (KerasTuner hands back
+        its ongoing trial) keeps the clock; another tuner (the trial was taken back from a worker whose lease
+        lapsed) starts it again, as that worker trains it from the start."""
+        held = self.running.get(trial_id)
+        if held is None or held[2] != tuner_id:
+            self.running[trial_id] = (budget_clock(), self.planned_epochs(values), tuner_id)
 
     def end(self, trial_id: str, epochs: Optional[float]) -> None:
         """Trial `trial_id` ended having trained `epochs` (None: it reported none, e.g. it failed)."""

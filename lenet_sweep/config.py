@@ -367,6 +367,9 @@ class SweepSettings:
     # Added after sweeps were recorded: their configs read back with pruning as it is now (their saved state
     # folders hold no prune settings, so resuming one of them is refused as another configuration).
     prune: PruneSettings = field(default_factory=PruneSettings)
+    # Added after sweeps were recorded: an earlier sweep's name (same MLflow experiment) whose matching trials
+    # this one inherits instead of training them (lenet_sweep/warm_start.py); older sweeps had none.
+    warm_start: Optional[str] = None
 
 
 @dataclass
@@ -455,22 +458,75 @@ class SweepName:
 
 
 @dataclass
+class FrontSettings:
+    latency_repeats: int = knob(ge=1)
+    latency_warmup: int = knob(ge=1)
+    max_measured: int = knob(ge=0)
+
+
+class ImportanceEvaluator(Choice):
+    """Optuna's importance evaluators (optuna.importance)."""
+
+    fanova = "fanova"
+    mean_decrease_impurity = "mean_decrease_impurity"
+
+
+@dataclass
+class ImportanceSettings:
+    evaluator: ImportanceEvaluator = MISSING
+    trees: int = knob(ge=1)
+    bootstrap: int = knob(ge=0)
+    confidence: float = knob(gt=0.0, lt=1.0)
+    top_fraction: float = knob(gt=0.0, le=1.0)
+    min_trials: int = knob(ge=2)
+    edge_fraction: float = knob(ge=0.0, lt=0.5)
+    seed: int = knob(ge=0)
+
+
+@dataclass
 class ReportSettings:
     dir: Optional[str] = MISSING
     top_trials: int = knob(ge=0)
     chance_margin: float = knob(ge=0.0, lt=1.0)
+    confidence: float = knob(gt=0.0, lt=1.0)
     epochs: List[int] = knob(ge=1)
     turning_min_epochs: int = knob(ge=2)
     confused_pairs: int = knob(ge=0)
     misclassified: int = knob(ge=0)
     grid_columns: int = knob(ge=1)
     study_packages: Dict[str, Optional[str]] = MISSING
+    fronts: FrontSettings = field(default_factory=FrontSettings)
+    importance: ImportanceSettings = field(default_factory=ImportanceSettings)
 
 
 @dataclass
 class ReportConfig(ReproduceConfig):
     sweep: SweepName = field(default_factory=SweepName)
     report: ReportSettings = field(default_factory=ReportSettings)
+
+
+@dataclass
+class ReplaySettings:
+    tolerance: float = knob(ge=0.0)
+    allow_different_environment: bool = MISSING
+
+
+@dataclass
+class DataRoot:
+    root: Optional[str] = MISSING
+
+
+@dataclass
+class ReplayConfig:
+    """`python -m lenet_sweep.replay`: one recorded run (a sweep's trial=ID, or run=RUN_ID) trained again."""
+
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    sweep: SweepName = field(default_factory=SweepName)
+    trial: Optional[str] = MISSING
+    run: Optional[str] = MISSING
+    seed: Optional[int] = knob(ge=0)
+    data: DataRoot = field(default_factory=DataRoot)
+    replay: ReplaySettings = field(default_factory=ReplaySettings)
 
 
 @dataclass
@@ -536,6 +592,7 @@ SCHEMAS = {
     "server": ServerConfig,
     "demo": DemoConfig,
     "report": ReportConfig,
+    "replay": ReplayConfig,
 }
 GROUP_SCHEMAS = {
     ("optimizer", "sgd_schema"): SGDConfig,

@@ -222,3 +222,36 @@ def turning_points(families: dict[str, Sequence[int]], title: str) -> Figure:
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def cost_fronts(panels: Sequence[dict], score: str, title: str) -> Figure:
+    """One panel per cost, `score` against it: every point in grey, the Pareto front's members highlighted
+    and joined, cheapest first. A panel: {"cost": axis label, "points": [(cost, score)], "front": [(cost,
+    score)]}; its cost axis is logarithmic where the costs span more than a decade."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    fig = Figure(figsize=(4.2 * max(1, len(panels)), 3.6), dpi=90)
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(panels)), squeeze=False)).ravel()
+    for ax, panel in zip(axes, panels):
+        points = np.array(panel["points"], dtype=float).reshape(-1, 2)
+        front = np.array(panel["front"], dtype=float).reshape(-1, 2)
+        if len(points):
+            ax.scatter(points[:, 0], points[:, 1], s=16, color="lightgrey", label="configuration", zorder=2)
+        if len(front):
+            ax.plot(front[:, 0], front[:, 1], "o-", color="tab:red", markersize=5, label="front", zorder=3)
+        if len(points) and points[:, 0].min() > 0 and points[:, 0].max() / points[:, 0].min() > 10:
+            ax.set_xscale("log")
+            # 1-2-5 ticks written plainly: a short log axis otherwise gets one label, or overlapping ones
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        if not len(points):
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="grey")
+        ax.set_xlabel(panel["cost"])
+        ax.set_ylabel(score)
+        ax.grid(alpha=0.3)
+        if len(points):
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

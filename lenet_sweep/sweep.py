@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lenet_sweep import budget as time_budget
-from lenet_sweep import distributed, plots
+from lenet_sweep import distributed, plots, warm_start
 from lenet_sweep.budget import Budget
 from lenet_sweep.cli import clock, guarded
 from lenet_sweep.config import HyperParameterSpec, check, register_configs
@@ -254,6 +254,8 @@ def state_fingerprint(cfg: DictConfig) -> dict[str, Any]:
             "sweep": {
                 "early_stopping_patience": cfg.sweep.early_stopping_patience,
                 "prune": resolved["sweep"].get("prune"),
+                # A resumed sweep holds what it inherited: changing where from is another sweep.
+                "warm_start": resolved["sweep"].get("warm_start"),
             },
         }
     )
@@ -394,6 +396,9 @@ def run_sweep(
         tf.config.threading.set_inter_op_parallelism_threads(cfg.sweep.threads)
     space = active_space(cfg, optimizers)
     project, resumed = (state_dir(cfg), False) if role == "worker" else check_state(cfg)
+    earlier = None  # the sweep to inherit from: only a fresh sweep inherits; a resumed one holds what it did
+    if cfg.sweep.warm_start and role != "worker" and not resumed:  # checked before the data is decoded
+        earlier = warm_start.earlier_sweep(cfg.mlflow, cfg.sweep.warm_start, cfg.sweep.name)
     # A chief takes its port first: a second chief is refused before it touches the state or MLflow.
     server = distributed.bind(*distributed.address(cfg.sweep.chief)) if role == "chief" else None
     if cfg.train.deterministic:
@@ -424,10 +429,12 @@ def run_sweep(
         if role == "worker":
             fingerprint = worker_fingerprint(cfg, first)
             return work(cfg, tuner, context, client, fingerprint, space, print_fn)
-        return _lead(cfg, tuner, context, client, project, resumed, space, first, server, print_fn)
+        return _lead(cfg, tuner, context, client, project, resumed, space, first, server, print_fn, optimizers, earlier)
 
 
-def _lead(cfg, tuner, context, client, project, resumed, space, first, server, print_fn) -> SweepResult:
+def _lead(
+    cfg, tuner, context, client, project, resumed, space, first, server, print_fn, optimizers=None, earlier=None
+) -> SweepResult:
     """The sweep's parent run around the search: here (local), or served to workers (chief)."""
     experiment, role = context.experiment_id, str(cfg.sweep.role)
     latest = find_sweep_run(client, experiment, cfg.sweep.name, project)
@@ -466,6 +473,8 @@ def _lead(cfg, tuner, context, client, project, resumed, space, first, server, p
             log_data_check(first, cfg.train.sample_grid, cfg.seed)  # for the report's data check
         project.mkdir(parents=True, exist_ok=True)  # KerasTuner creates it at its first save
         (project / STATE_FILE).write_text(json.dumps(state_fingerprint(cfg), indent=1))
+        if earlier is not None:  # a fresh sweep (run_sweep looks for it only then)
+            _inherit(cfg, tuner, client, parent_id, earlier, space, optimizers or {}, print_fn)
         chief_seconds = 0.0
         if context.budget is not None:
             context.budget.search_started = time_budget.budget_clock()
@@ -485,6 +494,24 @@ def _lead(cfg, tuner, context, client, project, resumed, space, first, server, p
     return SweepResult(parent_id, rows, seconds, bool(previous), context.stopped_because, spent)
 
 
+def _inherit(cfg, tuner, client, parent_id, earlier, space, optimizers, print_fn) -> None:
+    """Seed the new sweep's oracle, and its parent run (active), with the trials of sweep `earlier` it would
+    train exactly so (warm_start.py); the MLflow runs first, then the oracle's saved state."""
+    oracle, experiment = tuner.oracle, tuner.context.experiment_id
+    data_now = Artifacts(client).json(parent_id, warm_start.DATA_SUMMARY)
+    found = warm_start.select(
+        client, experiment, earlier, cfg, space, oracle.get_space(), tuner.hypermodel.config, optimizers, data_now
+    )
+    ids = oracle.inherit_trials([(t.values, t.score, t.original) for t in found.trials])
+    warm_start.record(client, experiment, parent_id, cfg.sweep.name, found, ids)
+    oracle.save()
+    mlflow.set_tag("lenet_sweep.warm_start", found.sweep)
+    if print_fn:
+        max_epochs = cfg.tuner.max_epochs if cfg.tuner.kind == "hyperband" else None
+        for line in warm_start.summary_lines(found, cfg.tuner.kind, max_epochs):
+            print_fn(line)
+
+
 # ---- distributed: chief and worker -------------------------------------------------------------
 
 FINGERPRINT = "sweep/fingerprint.json"  # on the parent run: the config every worker must share
@@ -493,7 +520,7 @@ FINGERPRINT = "sweep/fingerprint.json"  # on the parent run: the config every wo
 def worker_fingerprint(cfg: DictConfig, first: Any) -> dict[str, Any]:
     """What a worker must share with its chief: the sweep's config (`state_fingerprint`) but for where
     the data lies on each machine, plus the classes and file counts that data gives."""
-    local = ("data.root", "data.cache_dir")
+    local = ("data.root", "data.cache_dir", "sweep.warm_start")  # the chief alone inherits trials
     shared = {k: v for k, v in state_fingerprint(cfg).items() if k not in local}
     shared["data.classes"] = list(first.splits.classes)
     shared["data.files"] = {split: len(files.paths) for split, files in first.splits.files.items()}
@@ -649,6 +676,7 @@ def summarise(
             "failure_reason": run.data.tags.get("failure_reason", ""),
             "pruned": next((v for k, v in sorted(run.data.tags.items()) if k.startswith("lenet_sweep.pruned")), ""),
             "pruned_seconds_saved": pruned_seconds_saved(run),
+            "inherited_from": run.data.tags.get(warm_start.INHERITED_FROM, ""),  # a warm start's: not trained here
         }
         row |= {name: number(p.get(name)) for name in names}
         rows.append(row)
@@ -674,6 +702,7 @@ def _log_summary(rows: list[dict[str, Any]], space: Mapping[str, Any], seconds: 
         "run_id",
         "failure_reason",
         "pruned",
+        "inherited_from",
     ]
     table = [[i + 1 if r["status"] == "FINISHED" else "", *[r.get(k) for k in header[1:]]] for i, r in enumerate(rows)]
     mlflow.log_text(csv_text(table, header), "sweep/ranking.csv")
@@ -697,7 +726,9 @@ def _log_summary(rows: list[dict[str, Any]], space: Mapping[str, Any], seconds: 
             "trials_finished": len(ok),
             "trials_failed": sum(r["status"] == "FAILED" for r in rows),
             "trials_pruned": sum(bool(r["pruned"]) for r in rows),
-            "pruned_seconds_saved": sum(r["pruned_seconds_saved"] for r in rows),
+            "trials_inherited": sum(bool(r["inherited_from"]) for r in rows),
+            # What this sweep's own trials saved and spent: an inherited trial's were its first sweep's.
+            "pruned_seconds_saved": sum(r["pruned_seconds_saved"] for r in rows if not r["inherited_from"]),
             "best_val_accuracy": ok[0]["val_accuracy"] if ok else float("nan"),
             "sweep_seconds": seconds,
             "tracking_overhead": tracking / trials if trials else 0.0,
@@ -717,8 +748,9 @@ def pruned_seconds_saved(run) -> float:
 
 
 def tracking_seconds(rows: list[dict[str, Any]]) -> tuple[float, float]:
-    """(seconds spent logging to MLflow, wall seconds) summed over the trials."""
-    return (sum(r["tracking_seconds"] or 0 for r in rows), sum(r["trial_seconds"] or 0 for r in rows))
+    """(seconds spent logging to MLflow, wall seconds) summed over the trials trained here (not inherited)."""
+    own = [r for r in rows if not r.get("inherited_from")]
+    return (sum(r["tracking_seconds"] or 0 for r in own), sum(r["trial_seconds"] or 0 for r in own))
 
 
 def format_top(rows: list[dict[str, Any]], space: Mapping[str, Any], n: int) -> str:
@@ -729,7 +761,7 @@ def format_top(rows: list[dict[str, Any]], space: Mapping[str, Any], n: int) -> 
         values = {k: r[k] for k in [*space, "tuner/epochs"] if r.get(k) is not None}
         lines.append(
             f"{i:>4}  {r['trial']:>5}  {r['val_accuracy']:>7.4f}  {int(r['last_epoch'] or 0):>6}  "
-            f"{r['trial_seconds'] or 0:>7.1f}  {describe(values)}"
+            f"{r['trial_seconds'] or 0:>7.1f}  {describe(values)}{'  (inherited)' if r.get('inherited_from') else ''}"
         )
     return "\n".join(lines)
 
@@ -771,7 +803,10 @@ def run(cfg: DictConfig, overrides: list[str]) -> SweepResult:
         print(f"stopped early: {result.stopped_because}")
     for line in budget_lines(result.budget):
         print(line)
-    pruned = [r for r in result.rows if r["pruned"]]
+    inherited = [r for r in result.rows if r["inherited_from"]]
+    if inherited:
+        print(f"{len(inherited)} trials inherited from sweep {cfg.sweep.warm_start!r} (not retrained)")
+    pruned = [r for r in result.rows if r["pruned"] and not r["inherited_from"]]
     if pruned:
         saved = sum(r["pruned_seconds_saved"] for r in pruned)
         print(

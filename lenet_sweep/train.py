@@ -75,6 +75,8 @@ def train_and_log(
     tags: Optional[dict[str, Any]] = None,
     backups: Optional[Path] = None,
     resume_run_id: Optional[str] = None,
+    prune: Optional[trial.PruneRule] = None,
+    initial_epoch: int = 0,
 ) -> RunResult:
     """Train `cfg.model` on `prepared`, evaluate it on test once, and record it all as one MLflow run
     in `experiment` of the store `mlflow.set_tracking_uri` names (see `open_store`).
@@ -83,6 +85,7 @@ def train_and_log(
     `patience`, `keep_best` and `callbacks` as in `trial.fit`; `tags` join the run's tags. With `backups`
     the training is backed up after every epoch to `backups/<run id>/` (removed once the run has ended);
     `resume_run_id` (one of those runs, cut off) goes on with that run from the epoch after its backup.
+    `prune` and `initial_epoch` as in `trial.fit` (a sweep trial's, trained again by `replay`).
     """
     import tensorflow as tf
 
@@ -157,6 +160,8 @@ def train_and_log(
                 callbacks=callbacks,
                 verbose=trial.keras_verbose(cfg.train.keras_verbose),
                 backup=backup,
+                prune=prune,
+                initial_epoch=initial_epoch,
             )
             seconds = time.perf_counter() - started
             history = fitted.rows

@@ -11,6 +11,8 @@ KerasTuner behaviour each one relies on).
 - `Budgeted*Oracle`: KerasTuner's oracles on `sweep.budget_minutes` (budget.py): every trial timed where the
   oracle lives (here, or on a distributed chief), Hyperband brackets planned to fit the time left, no random
   or Bayesian trial started that would overrun it. `make_tuner` runs KerasTuner's tuners on them.
+- `InheritingOracle`, mixed into those oracles: an earlier sweep's trials enter as COMPLETED trials with their
+  scores (`sweep.warm_start`, warm_start.py), so no tuner pays for them again.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import keras
 import keras_tuner as kt
 import mlflow
 import numpy as np
-from keras_tuner.src.engine.trial import TrialStatus
+from keras_tuner.src.engine.trial import Trial, TrialStatus
 from keras_tuner.src.engine.tuner_utils import SaveBestEpoch
 from keras_tuner.src.tuners.bayesian import BayesianOptimizationOracle
 from keras_tuner.src.tuners.hyperband import HyperbandOracle
@@ -501,7 +503,7 @@ class BudgetedOracle:
     def create_trial(self, tuner_id):
         trial = super().create_trial(tuner_id)
         if self.budget is not None and trial.status == TrialStatus.RUNNING:
-            self.budget.begin(trial.trial_id, trial.hyperparameters.values)
+            self.budget.begin(trial.trial_id, trial.hyperparameters.values, tuner_id)
         return trial
 
     @kt.synchronized
@@ -539,6 +541,57 @@ class BudgetedOracle:
             self.budget.earlier = self._saved_costs
 
 
+class InheritingOracle:
+    """Mixed into our oracles: an earlier sweep's trials enter as COMPLETED trials with their recorded scores
+    (`sweep.warm_start`, warm_start.py), before the search starts. KerasTuner's own bookkeeping then treats
+    them as trials it ran: their values are in `_tried_so_far` (random search and Hyperband's draws never
+    repeat them), Bayesian optimisation fits them (and counts them among its initial points), they rank among
+    the best trials. They are not in any Hyperband bracket: it promotes only trials of its own rounds.
+    `max_trials` counts trials trained here, so it grows by the number inherited, now and on every reload
+    (KerasTuner does not save it); the inherited ids are kept in the oracle's saved state."""
+
+    def __init__(self, *args, **kwargs):
+        self.inherited: dict[str, str] = {}  # trial id -> the MLflow run whose result it holds
+        super().__init__(*args, **kwargs)
+
+    def inherit_trials(self, found: list[tuple[dict[str, Any], float, str]]) -> list[str]:
+        """Add one COMPLETED trial per (hyperparameter values, score, MLflow run id) of `found`; return their
+        trial ids. Called before the search starts (nothing else holds the oracle), then `save()`."""
+        if self.max_trials is not None:
+            self.max_trials += len(found)
+        ids = []
+        for values, score, run_id in found:
+            # KerasTuner's own numbering (create_trial): the trial count, padded to max_trials' digits.
+            trial_id = f"{{:0{len(str(self.max_trials))}d}}".format(len(self.trials))
+            hp = self.get_space()
+            hp.values = dict(values)
+            trial = Trial(hp, trial_id=trial_id, status=TrialStatus.COMPLETED)
+            trial.message = f"inherited from MLflow run {run_id} (sweep.warm_start): not trained in this sweep"
+            trial.metrics.register(OBJECTIVE, direction="max")
+            trial.metrics.update(OBJECTIVE, score)
+            self.score_trial(trial)
+            self._record_values(trial)  # into _tried_so_far: no draw repeats it
+            self.trials[trial_id] = trial
+            self.start_order.append(trial_id)
+            self.end_order.append(trial_id)
+            self._run_times[trial_id] += 1
+            self._save_trial(trial)
+            self.inherited[trial_id] = run_id
+            ids.append(trial_id)
+        return ids
+
+    def get_state(self):
+        state = super().get_state()
+        state["lenet_sweep_inherited"] = dict(self.inherited)
+        return state
+
+    def set_state(self, state):
+        super().set_state(state)
+        before, self.inherited = len(self.inherited), dict(state.get("lenet_sweep_inherited", {}))
+        if self.max_trials is not None:  # the constructor's max_trials, plus those inherited (once, however called)
+            self.max_trials += len(self.inherited) - before
+
+
 class BudgetedSearchOracle(BudgetedOracle):
     """Random or Bayesian search on a budget: a trial whose estimated cost (its epochs at this machine's
     seconds per epoch, plus its setup) would overrun the budget does not start; a shorter draw from the
@@ -571,11 +624,11 @@ class BudgetedSearchOracle(BudgetedOracle):
         return self._no_trial()
 
 
-class BudgetedRandomSearchOracle(BudgetedSearchOracle, RandomSearchOracle):
+class BudgetedRandomSearchOracle(InheritingOracle, BudgetedSearchOracle, RandomSearchOracle):
     """KerasTuner's random search oracle on a budget."""
 
 
-class BudgetedBayesianOptimizationOracle(BudgetedSearchOracle, BayesianOptimizationOracle):
+class BudgetedBayesianOptimizationOracle(InheritingOracle, BudgetedSearchOracle, BayesianOptimizationOracle):
     """KerasTuner's Gaussian-process oracle on a budget."""
 
 
@@ -583,7 +636,7 @@ class _NewBracketDue(Exception):
     """KerasTuner's Hyperband is about to start a bracket; on a budget, the budget chooses which."""
 
 
-class BudgetedHyperbandOracle(BudgetedOracle, HyperbandOracle):
+class BudgetedHyperbandOracle(InheritingOracle, BudgetedOracle, HyperbandOracle):
     """KerasTuner's Hyperband with its brackets planned to fit the budget.
 
     Within the brackets started, KerasTuner chooses every trial (the first round's random ones, the best
@@ -741,6 +794,15 @@ class OnOracle:
         kt.Tuner.__init__(self, oracle=oracle, **kwargs)
 
 
+# KerasTuner loads the previous round's checkpoint, which holds that trial's optimizer state too, into a
+# model whose optimizer is not built yet: Keras skips that state and warns at every promotion, with nothing a
+# user can do about it; TrackedHyperband says what happens instead. One narrow filter installed at import,
+# not a catch_warnings around each load: that swaps the process's filters and is not thread-safe beside a
+# worker's heartbeat thread.
+PROMOTION_WARNING = "Skipping variable loading for optimizer"
+warnings.filterwarnings("ignore", message=PROMOTION_WARNING, category=UserWarning)
+
+
 class TrackedRandomSearch(TrialTracking, OnOracle, kt.RandomSearch):
     """KerasTuner's random search, every trial an MLflow run."""
 
@@ -755,12 +817,8 @@ class TrackedHyperband(TrialTracking, OnOracle, kt.Hyperband):
     def _build_hypermodel(self, hp):
         if self._promotion is None:
             return super()._build_hypermodel(hp)
-        # KerasTuner loads the previous round's checkpoint, which holds that trial's optimizer state too, into
-        # a model whose optimizer is not built yet: Keras skips that state and warns at every promotion, with
-        # nothing a user can do about it. Said once, plainly, instead.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer", category=UserWarning)
-            model = super()._build_hypermodel(hp)
+        # Keras' warning is silenced once, at import (PROMOTION_WARNING); said plainly here instead.
+        model = super()._build_hypermodel(hp)
         trial_id, previous, epoch = self._promotion
         if self.context.print_fn:
             at = f"from epoch {epoch} (its best)" if epoch else "from its best epoch"

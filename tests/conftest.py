@@ -39,7 +39,9 @@ SECTIONS = (
     "5, 10 or 25 epochs?",
     "Where does overfitting start?",
     "Learning curves of the best configurations",
+    "Which hyperparameters matter?",
     "Validation accuracy against each hyperparameter",
+    "What does accuracy cost?",
     "The winner over seeds",
     "Test: confusion matrix and the most confused classes",
     "Misclassified test images of the winner",
@@ -169,6 +171,37 @@ def run_cli(args: list[str], cwd: Path = REPO, timeout: float = 600) -> subproce
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"TF_CPP_MIN_LOG_LEVEL": "2"}
     command = [sys.executable, *args] if args[0].endswith(".py") else [sys.executable, "-m", *args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_clis(commands: list[list[str]], timeout: float = 600) -> list[subprocess.CompletedProcess]:
+    """`run_cli` for each of `commands`, all at once (each spends seconds starting Python and TensorFlow on one
+    core; the machine has two), bounded in time together; every process is killed if time runs out."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"TF_CPP_MIN_LOG_LEVEL": "2"}
+    started = [
+        (
+            args,
+            subprocess.Popen(
+                [sys.executable, "-m", *args],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+        )
+        for args in commands
+    ]
+    done = []
+    try:
+        for args, process in started:
+            out, err = process.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess([sys.executable, "-m", *args], process.returncode, out, err))
+    finally:
+        for _, process in started:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    return done
 
 
 def all_artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:

@@ -160,6 +160,12 @@ def test_best_command_chooses_on_validation_tests_once_exports_and_registers(swe
     assert f"{m['val_accuracy_mean']:.4f} ± {m['val_accuracy_std']:.4f}" in card
     assert "## Refit at the final fidelity" in card and f"validation accuracy **{m['refit_val_accuracy']:.4f}**" in card
     assert all(r["stopped"] in card for r in rows.values())
+    # its size and speed, as exported: on the card and as metrics of the best run
+    size_bytes = (out / "model.keras").stat().st_size
+    assert f"{trained.count_params():,} parameters; `model.keras` is {size_bytes:,} bytes" in card
+    assert re.search(r"batch 1: [\d.]+ ms per image .*; batch 32: [\d.]+ ms per image", card)
+    assert m["export_parameters"] == trained.count_params() and m["export_model_bytes"] == size_bytes
+    assert m["export_seconds_per_image_batch_1"] > 0 and m["export_seconds_per_image_batch_32"] > 0
     loaded = export.load(out)
     files = [swapped / "val" / CLASSES[0] / "img_000.JPEG", swapped / "val" / CLASSES[1] / "img_001.JPEG"]
     pixels, kept, failed = export.images_for(files, loaded.preprocessing)
@@ -551,10 +557,10 @@ def test_the_refit_trains_the_epochs_the_budget_affords():
     racing = summary(1, [0.7, 0.7], seconds=14.0, size=32)
     for r in racing.runs:
         r.epoch_seconds = [2.0, 1.0, 1.0, 1.0]  # the first epoch traces the graph: the median ignores it
-    per_epoch, besides = best.epoch_estimate(racing.runs, 64, 1.0)
-    assert per_epoch == pytest.approx(4.0) and besides == pytest.approx(9.0)  # (64/32)^2 the pixels
-    assert best.epoch_estimate(racing.runs, 64, 1.5)[0] == pytest.approx(6.0)
-    assert np.isnan(best.epoch_estimate([summary(1, [0.7]).runs[0]], 64, 1.0)[0])  # no epoch timed
+    per_epoch, besides = best.epoch_estimate(racing.runs, 2.5, 1.0)
+    assert per_epoch == pytest.approx(2.5) and besides == pytest.approx(9.0)  # the step ratio times the median
+    assert best.epoch_estimate(racing.runs, 2.5, 1.5)[0] == pytest.approx(3.75)
+    assert np.isnan(best.epoch_estimate([summary(1, [0.7]).runs[0]], 2.5, 1.0)[0])  # no epoch timed
     assert best.refit_epochs(20, 5, 100.0, 4.0, 10.0)[0] == 20
     epochs, why = best.refit_epochs(20, 5, 50.0, 4.0, 10.0)
     assert epochs == 10 and "10 of best.final.epochs=20" in why

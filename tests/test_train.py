@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, all_artifacts, compose_config, make_image_folder, run_cli
+from conftest import REPO, all_artifacts, compose_config, make_image_folder, run_cli, run_clis
 from lenet_sweep.data import prepare_data
 from lenet_sweep.tracking.store import open_store
 from lenet_sweep.train import train_and_log
@@ -102,27 +102,33 @@ def test_default_store_is_embedded_and_hydra_leaves_no_files(image_folder, tmp_p
     assert run.info.artifact_uri.startswith((work / "mlruns" / "artifacts").as_uri())
 
 
-@pytest.mark.parametrize(
-    "override, message",
-    [
-        ("train.epochs=fail", "could not be converted to Integer"),
-        ("model=resnet", "Could not find 'model/resnet'"),
-        ("data.root=/nonexistent/folder", "error: data.root '/nonexistent/folder' is not a folder"),
-        ("train.epochs=0", "error: train.epochs=0: must be at least 1"),
-        ("model.output_activation=softplusplus", "error: model.output_activation='softplusplus' is not a Keras"),
-        ("optimizer.momentum=[1,2]", "optimizer.momentum"),
-    ],
-)
-def test_bad_input_fails_with_a_clear_message_and_records_nothing(override, message, image_folder, store):
-    args = ["lenet_sweep.train", f"data.root={image_folder}", f"mlflow.tracking_uri={store}", override]
-    result = run_cli(args)
-    assert result.returncode != 0
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
-    if Path(store.removeprefix("sqlite:///")).exists():
-        client = MlflowClient(store)
-        experiment = client.get_experiment_by_name("lenet_sweep")
-        assert experiment is None or not client.search_runs([experiment.experiment_id])
+BAD_INPUT = [
+    ("train.epochs=fail", "could not be converted to Integer"),
+    ("model=resnet", "Could not find 'model/resnet'"),
+    ("data.root=/nonexistent/folder", "error: data.root '/nonexistent/folder' is not a folder"),
+    ("train.epochs=0", "error: train.epochs=0: must be at least 1"),
+    ("model.output_activation=softplusplus", "error: model.output_activation='softplusplus' is not a Keras"),
+    ("optimizer.momentum=[1,2]", "optimizer.momentum"),
+]
+
+
+def test_bad_input_fails_with_a_clear_message_and_records_nothing(image_folder, store):
+    # The commands run at once, each into its own store (the default experiment's runs would mix otherwise).
+    stores = [f"{store.removesuffix('.db')}-{i}.db" for i in range(len(BAD_INPUT))]
+    results = run_clis(
+        [
+            ["lenet_sweep.train", f"data.root={image_folder}", f"mlflow.tracking_uri={uri}", override]
+            for uri, (override, _) in zip(stores, BAD_INPUT)
+        ]
+    )
+    for uri, (override, message), result in zip(stores, BAD_INPUT, results):
+        assert result.returncode != 0, override
+        assert message in result.stderr, (override, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr, override
+        if Path(uri.removeprefix("sqlite:///")).exists():
+            client = MlflowClient(uri)
+            experiment = client.get_experiment_by_name("lenet_sweep")
+            assert experiment is None or not client.search_runs([experiment.experiment_id]), override
 
 
 def compose_train(overrides: list[str]):

@@ -232,6 +232,10 @@ def test_the_cost_model_separates_set_up_from_epochs_and_adds_up_to_the_time_tak
     assert budget_module.estimate_cost([]) is None and budget_module.estimate_cost([(0, 5.0)]) is None
     # 5 s per trial + 2 s per epoch, exactly
     assert budget_module.estimate_cost([(1, 7.0), (3, 11.0), (9, 23.0), (3, 11.0)]) == Cost(5.0, 2.0)
+    # the set-up is the median of what each trial took beyond its epochs (Theil-Sen's "joint" intercept), not
+    # median(seconds) - slope x median(epochs): many short trials and a few long ones set it apart
+    skewed = budget_module.estimate_cost([(2, 9.0), (2, 11.0), (2, 10.0), (20, 46.0), (20, 48.0)])
+    assert skewed.setup / skewed.per_epoch == pytest.approx((5 + 8 / 9) / (2 + 1 / 18))
     # trials all as long: set-up and epochs cannot be told apart, so it all counts per epoch
     assert budget_module.estimate_cost([(3, 30.0), (3, 36.0)]) == Cost(0.0, 11.0)
     # one odd trial does not bend the line, but its seconds are spent: the model adds up to the total
@@ -245,6 +249,26 @@ def test_the_cost_model_separates_set_up_from_epochs_and_adds_up_to_the_time_tak
     assert budget.cost() == Cost(0.0, 2.0, 16 / 22) and budget.cost().of(11) == pytest.approx(16.0)
     budget.records = [{"epochs": 1, "planned": 25, "seconds": 2.0}]
     assert budget.cost().share == 0.5
+
+
+def test_a_resumed_budget_adds_its_trials_to_the_earlier_costs_and_a_taken_back_trial_restarts_its_clock(clock):
+    Cost = budget_module.Cost
+    budget = budget_module.Budget(10)
+    # the earlier invocation's trials (saved with the oracle): 5 s set-up + 2 s per epoch
+    budget.earlier = [{"epochs": e, "planned": e, "seconds": 5.0 + 2 * e} for e in (1, 3, 9)]
+    assert budget.cost() == Cost(5.0, 2.0)
+    # one trial of this invocation joins them; it does not replace them (alone it could not split set-up off)
+    budget.records = [{"epochs": 3, "planned": 3, "seconds": 11.0}]
+    assert budget.cost() == Cost(5.0, 2.0)
+    # a worker asking again for its ongoing trial keeps the clock; another worker taking it over restarts it
+    budget.begin("0007", {"tuner/epochs": 3}, "worker-a")
+    clock.now += 100.0
+    budget.begin("0007", {"tuner/epochs": 3}, "worker-a")
+    assert budget.running["0007"][0] == clock.now - 100.0
+    budget.begin("0007", {"tuner/epochs": 3}, "worker-b")
+    clock.now += 11.0
+    budget.end("0007", 3)
+    assert budget.records[-1] == {"trial": "0007", "epochs": 3, "planned": 3, "seconds": 11.0}
 
 
 def test_the_bracket_planner_starts_the_due_bracket_if_it_fits_else_a_smaller_one():

@@ -129,6 +129,7 @@ class Evidence:
     sample_images: Optional[bytes]  # plots/sample_images.png
     data_root: Optional[str]  # where the winner's data was (for the misclassified images)
     cut_off: Any = None  # the sweep's latest `best` run if it did not finish (cut off, failed), else None
+    specs: dict[str, dict] = field(default_factory=dict)  # dimension -> its recorded spec (values, min, max, ...)
 
     @property
     def finished(self) -> list[Run]:
@@ -193,6 +194,7 @@ def gather(client: MlflowClient, experiment_id: str, parent) -> Evidence:
         sample_images=next((b for b in (art.raw(s, "plots/sample_images.png") for s in sources) if b), None),
         data_root=(winner.params.get("data.resolved_root") or winner.value("data.root")) if winner else None,
         cut_off=latest if latest is not None and latest.info.status != "FINISHED" else None,
+        specs=dims,
     )
 
 
@@ -308,9 +310,10 @@ def _singles(art: Artifacts, client: MlflowClient, experiment_id: str, parent) -
     return out
 
 
-def _space(art: Artifacts, parent) -> dict[str, dict[str, str]]:
-    """The sweep's dimensions: {name: {"key": config key it sets, "type": choice | int | float | boolean}},
-    from search_space.yaml, else from the search section of the parent's config.yaml ("?" where unknown)."""
+def _space(art: Artifacts, parent) -> dict[str, dict[str, Any]]:
+    """The sweep's dimensions: {name: {"key": config key it sets, "type": choice | int | float | boolean, and
+    the rest of its spec as recorded (values, min, max, sampling, ...)}}, from search_space.yaml, else from
+    the search section of the parent's config.yaml ("?" where unknown)."""
     parent_id = parent.info.run_id
     dimensions = [d for d in parent.data.params.get("search.dimensions", "").split(",") if d]
     space = (art.yaml(parent_id, "search_space.yaml") or {}).get("space")
@@ -319,7 +322,9 @@ def _space(art: Artifacts, parent) -> dict[str, dict[str, str]]:
         space = search.get("space") if isinstance(search, dict) else None
     space = space if isinstance(space, dict) else {}
     specs = {d: space.get(d) if isinstance(space.get(d), dict) else {} for d in dimensions}
-    return {d: {"key": str(spec.get("key", "?")), "type": str(spec.get("type", "?"))} for d, spec in specs.items()}
+    return {
+        d: {**spec, "key": str(spec.get("key", "?")), "type": str(spec.get("type", "?"))} for d, spec in specs.items()
+    }
 
 
 def _mapping(value: Any, *keys: str) -> Optional[dict]:

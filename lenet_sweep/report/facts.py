@@ -15,9 +15,12 @@ from omegaconf import DictConfig
 
 from lenet_sweep import data as D
 from lenet_sweep import plots
+from lenet_sweep.report import fronts, glance
 from lenet_sweep.report.evidence import Configuration, Evidence, Run, budget_of
+from lenet_sweep.report.importance import Point, importance
 from lenet_sweep.tracking import store
 from lenet_sweep.tracking.artifacts import to_float
+from lenet_sweep.warm_start import INHERITED_FROM
 
 # The dimensions each question reads, by the config key they set; the rest are "other dimensions".
 QUESTIONS: dict[str, Callable[[str], bool]] = {
@@ -111,6 +114,7 @@ def compute(ev: Evidence, cfg: DictConfig) -> dict[str, Any]:
         ],
         "output_activation": {"sweep": _activation_rows(ev, configs, failed, chance), "single_runs": singles},
         **_dimension_facts(ev, working, failed),
+        "importance": _importance_facts(ev, configs, settings.importance),
         "epochs": _epochs_facts(working, ev.retrains, list(settings.epochs)),
         "turning_points": _turning_facts(
             working,
@@ -126,8 +130,34 @@ def compute(ev: Evidence, cfg: DictConfig) -> dict[str, Any]:
         "table_i": _table_i(ev, cfg),
         "confusion": _confusion_facts(ev, settings.confused_pairs),
         "data": _data_facts(ev),
+        # (measured: parameter counts of unrecorded models and latencies, see fronts.py)
+        "fronts": fronts.front_facts(
+            working,
+            chance["classes"],
+            settings.fronts,
+            len(configs) - len(working),
+            ev.best.data.metrics if ev.best is not None else {},
+        ),
     }
+    facts["glance"] = glance.rows(facts, settings.confidence)  # the at-a-glance table, from the facts above
     return facts
+
+
+def _importance_facts(ev: Evidence, configs: Sequence[Configuration], settings: Any) -> dict[str, Any]:
+    """Which hyperparameters matter (importance.py), over every scored configuration (collapsed ones too:
+    collapsing is part of what a hyperparameter does; pruned ones with the score they had when stopped)
+    and, counted but left out, every trial that ended without a score."""
+    points = [
+        Point(c.values, c.score, any(k.startswith("lenet_sweep.pruned") for t in c.trials for k in t.tags))
+        for c in configs
+    ]
+    points += [
+        Point({d: t.param(d) for d in ev.space if d in t.params}, None)
+        for t in ev.trials
+        if t.status == "FAILED" or (t.status == "FINISHED" and t.score is None)
+    ]
+    space = ev.specs or {d: {"key": k, "type": ev.types.get(d, "?")} for d, k in ev.space.items()}
+    return importance(points, space, settings)
 
 
 def _chance_facts(classes: int, margin: float) -> dict[str, Any]:
@@ -308,6 +338,11 @@ def _sweep_facts(ev: Evidence) -> dict[str, Any]:
         "stopped_because": p.data.tags.get("stopped_because", ""),
         "patience": store.number(p.data.params.get("sweep.early_stopping_patience")),
         "seed": store.number(p.data.params.get("seed")),
+        # A warm start's trials: recorded by an earlier sweep, entered here as they scored, not trained again.
+        "warm_start": p.data.tags.get("lenet_sweep.warm_start", ""),
+        "inherited_trials": [
+            t.tags.get("lenet_sweep.trial_id", t.run_id) for t in ev.trials if INHERITED_FROM in t.tags
+        ],
     }
 
 

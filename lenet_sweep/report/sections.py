@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from lenet_sweep import data as D
 from lenet_sweep import plots
+from lenet_sweep.report import glance
 from lenet_sweep.report.document import Doc, acc, pm, share, short_value, span
 from lenet_sweep.report.evidence import Evidence
 from lenet_sweep.report.facts import configurations
@@ -37,7 +38,9 @@ def build(ev: Evidence, facts: dict, cfg: DictConfig, store_uri: str) -> Doc:
     turning_section(doc, facts, cfg)
     other_dimensions_section(doc, facts)
     curves_section(doc, ev, cfg)
+    importance_section(doc, facts)
     per_hyperparameter_section(doc, ev)
+    fronts_section(doc, facts)
     winner_section(doc, facts)
     confusion_section(doc, facts)
     misclassified_section(doc, ev, facts, cfg)
@@ -240,6 +243,13 @@ def header(doc: Doc, ev: Evidence, facts: dict, cfg: DictConfig, store_uri: str)
             if sw.get("pruned")
             else ""
         )
+        + (
+            f" {len(sw['inherited_trials'])} trials inherited from sweep {sw['warm_start']!r} (not retrained: "
+            f"trials {', '.join(sw['inherited_trials'][:12])}{' ...' if len(sw['inherited_trials']) > 12 else ''} "
+            "hold that sweep's results)."
+            if sw.get("inherited_trials")
+            else ""
+        )
     )
     seeds = (
         "Each sweep trial trains with its own seed (the sweep's seed plus its trial number), so a spread "
@@ -265,16 +275,26 @@ def header(doc: Doc, ev: Evidence, facts: dict, cfg: DictConfig, store_uri: str)
 
 
 def answers_section(doc: Doc, facts: dict) -> None:
-    """The short answers, one list."""
+    """The study's questions at a glance: one table (answer in words, evidence, how sure) and the key figure,
+    one panel per question; the sections below hold the numbers behind each answer."""
     doc.heading(2, "Answers in short")
-    doc.items(answers(facts))
+    doc.para(
+        "Each question answered in words, with the evidence it rests on and how sure it is (an interval, or "
+        "the command that adds the runs it lacks); the figure column names the key figure's panel, and the "
+        "sections below give the detail."
+    )
+    doc.table(
+        ["question", "answer", "evidence", "how sure", "figure"],
+        [[r["question"], r["answer"], r["evidence"], r["how_sure"], r["figure"]] for r in facts["glance"]],
+    )
+    doc.figure("glance.png", glance.figure(facts), "Key figure: one panel per question (a-f)")
 
 
 def table_i_section(doc: Doc, facts: dict) -> None:
     """Table I: the study's package versions beside ours."""
     doc.heading(2, "Table I: packages")
     doc.para(
-        "The study's versions are those in conf/report.yaml (report.study_packages; – where not stated); "
+        "The study's versions are its Table I, as conf/report.yaml holds them (report.study_packages); "
         "ours are the versions the sweep (or the winner's retraining, or a single run) recorded."
     )
     doc.table(["package", "study", "ours"], [[r["package"], r["study"], r["ours"]] for r in facts["table_i"]])
@@ -292,10 +312,11 @@ def table_ii_section(doc: Doc, ev: Evidence, facts: dict) -> None:
             acc(r["study"]),
             r["output_activation"],
             r["budget"],
-            pm(r["ours"]),
+            # a sweep-only store has no single runs: say what adds them rather than "– (n=0)"
+            pm(r["ours"]) if r["ours"]["n"] else "not run yet: `make reproduce`",
             " ".join(str(s) for s in r["seeds"]) or "–",
-            share(r["collapsed"], len(r["seeds"])),
-            span(r["epochs"]),
+            share(r["collapsed"], len(r["seeds"])) if r["seeds"] else "–",
+            span(r["epochs"]) if r["seeds"] else "–",
         ]
         for r in facts["table_ii"]
     ]
@@ -556,6 +577,62 @@ def curves_section(doc: Doc, ev: Evidence, cfg: DictConfig) -> None:
         )
 
 
+EVALUATOR_NAMES = {"fanova": "fANOVA", "mean_decrease_impurity": "mean decrease in impurity"}
+
+
+def importance_section(doc: Doc, facts: dict) -> None:
+    """Which hyperparameters matter: each one's share of the variance of validation accuracy with its
+    bootstrap interval, over all scored configurations and over the best ones; edge warnings."""
+    imp = facts["importance"]
+    n, every, top = imp["counts"], imp["all"], imp["top"]
+    doc.heading(2, "Which hyperparameters matter?")
+    failed = f" {n['failed']} trial(s) ended without a score: counted here, left out." if n["failed"] else ""
+    doc.para(
+        f"Each hyperparameter's share of the variance of best validation accuracy it explains alone (Optuna's "
+        f"{EVALUATOR_NAMES.get(imp['evaluator'], imp['evaluator'])} on the sweep's configurations, shares "
+        f"summing to 1), with a {imp['confidence']:.0%} bootstrap interval over configurations "
+        f"({imp['bootstrap']} resamples). Over all {n['scored']} scored configurations (collapsed ones "
+        f"included: collapsing is part of what a hyperparameter does; {n['pruned']} pruned, with the score "
+        f"they had when stopped), and over the best {imp['top_fraction']:.0%} ({n['top']}): what moves "
+        f"the score overall, and what separates the best configurations.{failed}"
+    )
+    for label, part in (("All configurations", every), (f"The best {imp['top_fraction']:.0%}", top)):
+        why = part["too_few"] or part["note"]
+        if why and (part is every or not (every["too_few"] or every["note"])):  # one reason is enough
+            doc.para(f"{label}: no shares, {why}.")
+    top_rows = {r["dimension"]: r for r in top["rows"]}
+    doc.table(
+        [
+            "hyperparameter",
+            f"share, all (n={every['configurations']})",
+            f"{imp['confidence']:.0%} interval",
+            f"share, best {imp['top_fraction']:.0%} (n={top['configurations']})",
+            f"{imp['confidence']:.0%} interval",
+        ],
+        [
+            [r["dimension"], _percent(r["share"]), _interval(r), *_top_cells(top_rows.get(r["dimension"]))]
+            for r in every["rows"]
+        ],
+    )
+    if imp["left_out"]:
+        doc.para("Left out: " + "; ".join(f"{d['dimension']} ({d['why']})" for d in imp["left_out"]) + ".")
+    if imp["edges"]:
+        doc.para("The best configuration sits at an edge of the searched range (report.importance.edge_fraction):")
+        doc.items([e["message"] for e in imp["edges"]])
+
+
+def _percent(x: Optional[float]) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def _interval(row: dict) -> str:
+    return "–" if row["low"] is None else f"[{_percent(row['low'])}, {_percent(row['high'])}]"
+
+
+def _top_cells(row: Optional[dict]) -> list[str]:
+    return ["–", "–"] if row is None else [_percent(row["share"]), _interval(row)]
+
+
 def per_hyperparameter_section(doc: Doc, ev: Evidence) -> None:
     """Every finished trial's score against each hyperparameter it records."""
     doc.heading(2, "Validation accuracy against each hyperparameter")
@@ -569,6 +646,133 @@ def per_hyperparameter_section(doc: Doc, ev: Evidence) -> None:
         "val_accuracy_vs_hyperparameters.png",
         plots.score_by_value(by_trial, names, "val", "best validation accuracy per trial"),
         "Best validation accuracy of every finished trial against each hyperparameter.",
+    )
+
+
+FRONT_NAMES = {  # front -> how the report names it, and how it writes its cost
+    "seconds": ("trial seconds", lambda x: f"{x:.1f}s"),
+    "parameters": ("parameters", lambda x: f"{x:,.0f} parameters"),
+    "latency_batch_1": ("latency at batch 1", lambda x: f"{1000 * x:.3g} ms per image"),
+    "latency_batch_32": ("latency at batch 32", lambda x: f"{1000 * x:.3g} ms per image"),
+}
+
+
+def _or_dash(value: Optional[float], write) -> str:
+    return "–" if value is None else write(value)
+
+
+def fronts_sentences(fr: dict) -> list[str]:
+    """Per front: how many configurations are on it, its cheapest member and its most accurate one."""
+    out = []
+    for name, members in fr["members"].items():
+        label, write = FRONT_NAMES[name]
+        if not members:
+            timed = name.startswith("latency")
+            out.append(f"{label}: no configuration " + ("was timed" if timed else "has a recorded or countable one"))
+            continue
+        cheap, top = members[0], members[-1]
+        out.append(
+            f"{label}: {len(members)} configuration(s) on the front; the cheapest (trials {cheap['id']}) reaches "
+            f"val accuracy {cheap['val_accuracy']:.4f} at {write(cheap['cost'])}"
+            + (
+                f", the most accurate (trials {top['id']}) {top['val_accuracy']:.4f} at {write(top['cost'])}"
+                if top is not cheap
+                else ""
+            )
+        )
+    return out
+
+
+def fronts_section(doc: Doc, facts: dict) -> None:
+    """What accuracy costs: the Pareto fronts of validation accuracy against trial seconds, parameters and
+    inference latency, as a figure and a table of their members."""
+    fr = facts["fronts"]
+    doc.heading(2, "What does accuracy cost?")
+    if not fr["configurations"]:
+        doc.para("No finished configuration outside the collapsed ones: there is no accuracy to weigh against a cost.")
+        return
+    doc.items(fronts_sentences(fr))
+    left = f"; {fr['cap_left_out']} more left out by report.fronts.max_measured" if fr["cap_left_out"] else ""
+    doc.para(
+        "Each point is one configuration, at the best validation accuracy of its trials; it is on a front when "
+        "no other configuration reaches as high an accuracy for less (equal points both stay). Costs: trial "
+        "seconds, the trial_seconds each of its finished trials recorded (wall clock, setup and logging "
+        "included), summed over its Hyperband rounds; parameters, counted on its model built from its "
+        f"recorded config ({fr['classes']} classes); latency, seconds per image of inference on this "
+        f"machine's CPU ({fr['cores']} cores), the median of {fr['repeats']} calls after {fr['warmup']} "
+        "warm-up calls at batch 1 and at batch 32, on the model built from its recorded config with random "
+        "weights (latency does not depend on the weights). Latency was measured only for the best "
+        f"configuration and the members of the seconds and parameter fronts ({len(fr['measured'])} models"
+        f"{left}): its fronts are among those."
+        + (
+            f" Left out: {fr['collapsed_left_out']} configuration(s) that collapsed to chance."
+            if fr["collapsed_left_out"]
+            else ""
+        )
+    )
+    if fr["unbuilt"]:
+        first, why = next(iter(fr["unbuilt"].items()))
+        doc.para(
+            f"{len(fr['unbuilt'])} configuration(s) have no parameter count or latency: their recorded config "
+            f"does not build a model here (trials {first}: {why})."
+        )
+    if fr["latency_failed"]:
+        first, why = next(iter(fr["latency_failed"].items()))
+        doc.para(f"{len(fr['latency_failed'])} model(s) could not be timed (trials {first}: {why}).")
+    ex = fr["export"]
+    if ex.get("parameters") is not None:
+        doc.para(
+            f"The exported winner of `best`: {ex['parameters']:,.0f} parameters, model.keras "
+            f"{ex['model_bytes'] / 2**20:.2f} MB, "
+            f"{_or_dash(ex['latency_batch_1'], FRONT_NAMES['latency_batch_1'][1])} at batch 1 and "
+            f"{_or_dash(ex['latency_batch_32'], FRONT_NAMES['latency_batch_32'][1])} at batch 32 (timed by `best`, "
+            "on the machine it ran on; its model card says the same)."
+        )
+    panels = [
+        {
+            "cost": cost,
+            "points": [(scale * p[name], p["val_accuracy"]) for p in fr["points"] if p[name] is not None],
+            "front": [(scale * m["cost"], m["val_accuracy"]) for m in fr["members"][name]],
+        }
+        for name, cost, scale in (
+            ("seconds", "trial seconds", 1.0),
+            ("parameters", "parameters", 1.0),
+            ("latency_batch_1", "ms per image at batch 1 (measured ones)", 1000.0),
+        )
+    ]
+    doc.figure(
+        "cost_fronts.png",
+        plots.cost_fronts(panels, "best val accuracy", "what accuracy costs (one point per configuration)"),
+        "Best validation accuracy of every configuration against what it cost: grey, every configuration; red, "
+        "the front (no other configuration is as accurate for less).",
+    )
+    by_id = {p["id"]: p for p in fr["points"]}
+    doc.table(
+        [
+            "front",
+            "trials",
+            "val accuracy",
+            "trial seconds",
+            "parameters",
+            "ms/image, batch 1",
+            "ms/image, batch 32",
+            "hyperparameters",
+        ],
+        [
+            [
+                FRONT_NAMES[name][0],
+                m["id"],
+                m["val_accuracy"],
+                _or_dash(p["seconds"], lambda x: f"{x:.1f}"),
+                _or_dash(p["parameters"], lambda x: f"{x:,.0f}"),
+                _or_dash(p["latency_batch_1"], lambda x: f"{1000 * x:.3g}"),
+                _or_dash(p["latency_batch_32"], lambda x: f"{1000 * x:.3g}"),
+                " ".join(f"{k}={short_value(v)}" for k, v in p["values"].items()),
+            ]
+            for name, members in fr["members"].items()
+            for m in members
+            for p in [by_id[m["id"]]]
+        ],
     )
 
 
@@ -593,7 +797,7 @@ def winner_section(doc: Doc, facts: dict) -> None:
         [
             [
                 c["sweep_rank"],
-                c["trial"],
+                f"{c['trial']} (inherited)" if c["trial"] in facts["sweep"].get("inherited_trials", ()) else c["trial"],
                 c["sweep_val_accuracy"],
                 f"{acc(c['mean'])} ± {acc(c['std'])}",
                 f"[{c['low']:.4f}, {c['high']:.4f}]" if math.isfinite(c["low"]) and math.isfinite(c["high"]) else "–",

@@ -151,20 +151,22 @@ def tracked_run(**start_run_args):
             raise
 
 
+MANIFEST_COLUMNS = ("split", "class", "path", "decoded")  # data/split_manifest.csv
+
+
+def split_manifest(prepared: PreparedData) -> list[tuple[str, str, str, str]]:
+    """(split, class folder, relative path, "yes"/"no" decoded) of every listed file: data/split_manifest.csv."""
+    skipped = {(split, path) for split, path, _ in prepared.skipped}
+    return [
+        (split, cls, path, "no" if (split, path) in skipped else "yes")
+        for split, cls, path in prepared.splits.manifest_rows()
+    ]
+
+
 def log_data_check(prepared: PreparedData, grid: int, seed: int) -> None:
     """What the data was and what ran it: split manifest, skipped files, class counts per split (listed,
     and decoded where decoded), package versions (the study's Table I), a grid x grid sample of images."""
-    skipped = {(split, path) for split, path, _ in prepared.skipped}
-    mlflow.log_text(
-        csv_text(
-            [
-                (split, cls, path, "no" if (split, path) in skipped else "yes")
-                for split, cls, path in prepared.splits.manifest_rows()
-            ],
-            ("split", "class", "path", "decoded"),
-        ),
-        "data/split_manifest.csv",
-    )
+    mlflow.log_text(csv_text(split_manifest(prepared), MANIFEST_COLUMNS), "data/split_manifest.csv")
     mlflow.log_text(csv_text(prepared.skipped, ("split", "path", "reason")), "data/skipped_files.csv")
     counts = {
         split: np.bincount(d.labels, minlength=len(prepared.names)).tolist() for split, d in prepared.decoded.items()
